@@ -1,0 +1,250 @@
+"""`hf-rfid compress | evaluate | inspect | dequantize`: the command-line interface."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class CommandError(Exception):
+    """A user error worth a one-line message and exit code 2."""
+
+
+def _model_path(value: str) -> str:
+    path = Path(value)
+    if path.exists() and not (path / "config.json").exists():
+        raise CommandError(f"{value} has no config.json: not a model directory")
+    return value
+
+
+def _load(path: str, dtype: str = "auto") -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from .loading import from_pretrained
+
+    model = from_pretrained(_model_path(path), dtype=DTYPES[dtype])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def _add_compress(subparsers: Any) -> None:
+    parser = subparsers.add_parser("compress", help="compress the routed experts of an MoE model")
+    parser.add_argument("model", help="model directory or Hub id (dense MoE checkpoint)")
+    parser.add_argument("--output", "-o", required=True, help="directory for the compressed checkpoint")
+    parser.add_argument("--keep", type=float, default=0.6, help="kept fraction of the compressed matrices (0, 1]")
+    parser.add_argument("--calibration", help="text/JSONL file or folder, or wikitext2 | c4 | ptb (default: data-free)")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    parser.add_argument("--allocation", default="rfid", choices=["rfid", "uniform", "frequency", "erank"])
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--xi", type=float, default=0.8)
+    parser.add_argument("--budget-scope", default="layer", choices=["layer", "global"])
+    parser.add_argument("--targets", default="gate,up", help="comma-separated subset of gate,up,down")
+    parser.add_argument("--whitening", default="none", choices=["none", "activation"])
+    parser.add_argument("--residual", default="hash", choices=["hash", "blocks", "fit", "none"])
+    parser.add_argument("--residual-fraction", type=float, default=0.03)
+    parser.add_argument("--exact-budget", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--propagate", default="compressed", choices=["compressed", "original"])
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also publish the result to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_compress)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compress.compressor import RFIDCompressor
+    from .compress.writer import save_compressed
+    from .config import RFIDMoEConfig
+
+    config = RFIDMoEConfig(
+        keep=args.keep,
+        allocation=args.allocation,
+        group_size=args.group_size,
+        xi=args.xi,
+        budget_scope=args.budget_scope,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        whitening=args.whitening,
+        residual=args.residual,
+        residual_fraction=args.residual_fraction,
+        exact_budget=args.exact_budget,
+        propagate=args.propagate,
+        seed=args.seed,
+    )
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise CommandError(f"{output} exists and is not empty; use --overwrite to replace it")
+    if (
+        args.calibration
+        and not Path(args.calibration).exists()
+        and args.calibration.lower() not in ("wikitext2", "c4", "ptb")
+    ):
+        raise CommandError(f"calibration source {args.calibration} does not exist")
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(_model_path(args.model), dtype=DTYPES[args.dtype])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    compressor = RFIDCompressor(config)
+    compressor.source = args.model
+    model = compressor.compress(
+        model,
+        args.calibration,
+        tokenizer=tokenizer,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
+    save_compressed(model, output, tokenizer=tokenizer, report=compressor.report, overwrite=args.overwrite)
+    totals = compressor.report["totals"]
+    print(
+        f"compressed {args.model} -> {output} in {time.perf_counter() - started:.1f}s: kept fraction "
+        f"{totals['kept_fraction']:.4f}, MoE-parameter reduction {totals['moe_reduction']:.4f}, whole-model "
+        f"reduction {totals['model_reduction']:.4f}"
+    )
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        url = push_to_hub(output, args.push_to_hub, private=args.private)
+        print(f"published to {url}")
+    return 0
+
+
+def _add_evaluate(subparsers: Any) -> None:
+    parser = subparsers.add_parser("evaluate", help="held-out perplexity (and routing agreement with a reference)")
+    parser.add_argument("model", help="model directory or Hub id (compressed or dense)")
+    parser.add_argument("--data", required=True, help="text file to evaluate on")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    parser.add_argument("--reference", help="original model: also report router top-k agreement")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import perplexity, routing_agreement, tokenize_windows
+
+    data = Path(args.data)
+    if not data.is_file():
+        raise CommandError(f"evaluation data {args.data} is not a file")
+    model, tokenizer = _load(args.model, args.dtype)
+    if tokenizer is None:
+        raise CommandError(f"{args.model} has no tokenizer")
+    result: dict[str, Any] = {"model": args.model, "data": str(data), "seq_len": args.seq_len}
+    result.update(
+        perplexity(model, tokenizer, data, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    )
+    if args.reference:
+        reference, _ = _load(args.reference, args.dtype)
+        windows, _ = tokenize_windows(data.read_text(encoding="utf-8"), tokenizer, args.seq_len, args.max_tokens)
+        agreement = routing_agreement(model, reference, windows, batch_size=args.batch_size)
+        result["router_topk_agreement"] = agreement["mean"]
+        result["router_topk_agreement_per_layer"] = agreement["per_layer"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  tokens {result['tokens']}"
+        )
+        if "router_topk_agreement" in result:
+            print(f"router top-k agreement with {args.reference}: {result['router_topk_agreement']:.4f}")
+    return 0
+
+
+def _add_inspect(subparsers: Any) -> None:
+    parser = subparsers.add_parser("inspect", help="ranks per layer/group and the three parameter ratios")
+    parser.add_argument("model", help="compressed checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print the summary (and report) as JSON")
+    parser.set_defaults(handler=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .report import checkpoint_summary, format_summary
+
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        raise CommandError(f"{args.model} is not a checkpoint directory (no config.json)")
+    try:
+        summary = checkpoint_summary(path)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    report_file = path / "rfid_report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    if args.json:
+        print(json.dumps({"summary": summary, "report": report}))
+    else:
+        print(format_summary(summary, report))
+    return 0
+
+
+def _add_dequantize(subparsers: Any) -> None:
+    parser = subparsers.add_parser("dequantize", help="write a plain dense checkpoint of the original architecture")
+    parser.add_argument("model", help="compressed checkpoint directory or Hub id")
+    parser.add_argument("--output", "-o", required=True, help="directory for the dense checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=_dequantize)
+
+
+def _dequantize(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise CommandError(f"{output} exists and is not empty; use --overwrite to replace it")
+    model, tokenizer = _load(args.model, args.dtype)
+    if not getattr(model, "is_quantized", False):
+        raise CommandError(f"{args.model} is not an hf-rfid compressed checkpoint")
+    dense = model.dequantize()
+    dense.save_pretrained(output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    print(f"wrote dense {type(dense).__name__} to {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-rfid` argument parser."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="hf-rfid", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hf-rfid {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_compress, _add_evaluate, _add_inspect, _add_dequantize):
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-rfid` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"hf-rfid {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        print(f"hf-rfid {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

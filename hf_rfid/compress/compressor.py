@@ -1,0 +1,634 @@
+"""`RFIDCompressor`: calibration -> allocation -> factorisation -> residual -> (writer), the public entry point."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from optimum.quantization_base import OptimumQuantizer
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RFIDMoEConfig
+from ..modeling.adapters import ExpertsLayout, check_supported, decoder_layers, find_experts_modules
+from ..modeling.experts import FactorizedExperts, FactorizedLayout, LowRankExpertMatrices, LowRankSpec
+from ..modeling.residual import BlockProjection, derive_seed, hash_code_dim
+from ..report import parameter_ratios
+from . import allocation
+from .calibration import (
+    CalibrationSource,
+    ExpertStatistics,
+    capture_layer_inputs,
+    intermediate_activations,
+    new_statistics,
+    prepare_calibration,
+    record_experts,
+    run_layer,
+)
+from .factorize import GroupFactorization, encode_residual, factorize_group, relative_error
+
+logger = logging.getLogger(__name__)
+
+_TYPE_INDEX = {"gate": 0, "up": 1, "down": 2}
+
+
+def residual_code_dim(kind: str, out_features: int, in_features: int, fraction: float) -> int:
+    """Residual code length per expert that fits in `fraction` of an (out x in) matrix (0: no residual)."""
+    if kind == "none" or fraction <= 0:
+        return 0
+    if kind == "hash":
+        return hash_code_dim(out_features, in_features, fraction)
+    projection = BlockProjection.for_budget(out_features, in_features, int(fraction * out_features * in_features))
+    return projection.code_dim if projection is not None else 0
+
+
+@dataclass
+class _MatrixPlan:
+    """Allocation inputs and results of one (layer, matrix type)."""
+
+    module_name: str
+    matrix_type: str
+    groups: list[list[int]]
+    weights: torch.Tensor  # (E, out, in), the original stack
+    group_frequencies: list[float]
+    code_dim: int
+    budget: float  # parameters for bases + coefficients
+    spectra: list[torch.Tensor] = field(default_factory=list)
+    effective_ranks: list[float] = field(default_factory=list)
+    factorizations: list[GroupFactorization] | None = None
+    weight_only_groups: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weights.shape[1])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weights.shape[2])
+
+    @property
+    def unit_costs(self) -> list[int]:
+        """Parameters of one rank unit per group: |g| * out + in."""
+        return [len(g) * self.out_features + self.in_features for g in self.groups]
+
+    @property
+    def max_ranks(self) -> list[int]:
+        return [min(len(g) * self.out_features, self.in_features) for g in self.groups]
+
+
+def factorize_experts(
+    original: nn.Module,
+    groups: Sequence[Sequence[int]],
+    ranks: dict[str, Sequence[int]],
+    *,
+    residual: str = "none",
+    residual_dims: dict[str, int] | None = None,
+    seed: int = 0,
+    grams: dict[str, list[torch.Tensor | None]] | None = None,
+    expert_grams: dict[str, dict[int, torch.Tensor]] | None = None,
+    whitening_floor: float = 1e-6,
+    factorizations: dict[str, list[GroupFactorization]] | None = None,
+) -> tuple[FactorizedExperts, dict[str, list[float]]]:
+    """Factorise a transformers fused experts module with explicit groups and ranks.
+
+    `ranks[t][g]` is the rank of group g for matrix type t (types not in `ranks` stay dense). `grams[t][g]` whitens
+    group g; `expert_grams[t][e]` fits expert e's residual codes (`residual="fit"`). Returns the new module and the
+    relative weight error of every expert per compressed type. At full rank, without residual, the factorised
+    module reproduces the original up to float round-off.
+    """
+    info = ExpertsLayout.of(original)
+    expert_group = [0] * info.num_experts
+    for group_index, members in enumerate(groups):
+        for expert in members:
+            expert_group[expert] = group_index
+    if sorted(e for g in groups for e in g) != list(range(info.num_experts)):
+        raise ValueError("groups must partition the experts 0..E-1")
+    residual_dims = residual_dims or {}
+    layout = FactorizedLayout(expert_group=expert_group, residual_kind=residual)
+    for matrix_type, type_ranks in ranks.items():
+        if matrix_type not in info.matrix_types:
+            raise ValueError(f"{type(original).__name__} has no {matrix_type!r} matrices")
+        layout.lowrank[matrix_type] = LowRankSpec(list(type_ranks), residual_dims.get(matrix_type, 0))
+    reference = next(iter(original.parameters()))
+    with torch.device(reference.device):
+        module = FactorizedExperts(original, layout).to(reference.dtype)
+    matrices = info.read_matrices(original)
+    errors: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for matrix_type in info.matrix_types:
+            target = getattr(module, matrix_type)
+            weights = matrices[matrix_type].detach()
+            if not isinstance(target, LowRankExpertMatrices):
+                target.dense.copy_(weights)
+                continue
+            type_errors = [0.0] * info.num_experts
+            for group_index, members in enumerate(groups):
+                group_weights = weights[list(members)].to(torch.float64)
+                factorization = (factorizations or {}).get(matrix_type, [None] * len(groups))[group_index]
+                if factorization is None:
+                    gram = (grams or {}).get(matrix_type, [None] * len(groups))[group_index]
+                    factorization = factorize_group(group_weights, gram, whitening_floor)
+                basis, coefficients = factorization.truncate(ranks[matrix_type][group_index])
+                target.bases[group_index].weight.copy_(basis)
+                projection = None
+                if target.residual is not None:
+                    if residual == "hash":
+                        target.residual.seeds[group_index] = derive_seed(seed, group_index)
+                    projection = target.residual.projection(group_index, *info.shape(matrix_type))
+                for position, expert in enumerate(members):
+                    target.coefficients[expert].weight.copy_(coefficients[position])
+                    approximation = coefficients[position] @ basis
+                    if projection is not None:
+                        expert_gram = (expert_grams or {}).get(matrix_type, {}).get(expert)
+                        code = encode_residual(projection, group_weights[position] - approximation, expert_gram)
+                        target.residual.codes[expert] = code.to(target.residual.codes.dtype)
+                        stored_code = target.residual.codes[expert : expert + 1].double()
+                        approximation = approximation + projection.decode(stored_code)[0]
+                    type_errors[expert] = relative_error(group_weights[position], approximation)
+            errors[matrix_type] = type_errors
+        if info.has_bias:
+            biases = info.read_biases(original)
+            module.bias_gate_up.copy_(biases["gate_up"])
+            module.bias_down.copy_(biases["down"])
+    module.train(original.training)
+    return module, errors
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class RFIDCompressor(OptimumQuantizer):
+    """Compress the routed experts of a transformers MoE model with RFID-MoE.
+
+    ```python
+    compressor = RFIDCompressor(RFIDMoEConfig(keep=0.6))
+    compressed = compressor.compress(model, calibration="train.txt", tokenizer=tokenizer, num_samples=128)
+    compressed.save_pretrained("out")  # loadable with AutoModelForCausalLM after `import hf_rfid`
+    ```
+
+    Also implements optimum's `OptimumQuantizer` interface: `RFIDCompressor.from_pretrained(path).quantize(save_dir)`.
+    After `compress`, `compressor.report` holds the per-layer allocation report (also written as `rfid_report.json`
+    by `save`).
+    """
+
+    def __init__(self, config: RFIDMoEConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = RFIDMoEConfig(**overrides)
+        elif overrides:
+            config = RFIDMoEConfig(**{**config.to_dict(), **overrides})
+        self.config = config
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.source: str | None = None
+        self.report: dict[str, Any] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | Path | nn.Module,
+        file_name: str | None = None,
+        config: RFIDMoEConfig | None = None,
+        **overrides: Any,
+    ) -> RFIDCompressor:
+        """A compressor bound to a model (a loaded model, or a local directory / Hub id loaded with its tokenizer)."""
+        compressor = cls(config, **overrides)
+        if isinstance(model_or_path, nn.Module):
+            compressor.model = model_or_path
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            compressor.model = AutoModelForCausalLM.from_pretrained(model_or_path, dtype="auto")
+            compressor.tokenizer = AutoTokenizer.from_pretrained(model_or_path)
+            compressor.source = str(model_or_path)
+        return compressor
+
+    def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs: Any) -> Path:
+        """Compress the bound model (keyword arguments as in `compress`) and save it to `save_dir`."""
+        if self.model is None:
+            raise ValueError("no model bound: use RFIDCompressor.from_pretrained(model_or_path) first")
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        overwrite = kwargs.pop("overwrite", False)
+        compressed = self.compress(self.model, **kwargs)
+        from .writer import save_compressed
+
+        return save_compressed(
+            compressed, save_dir, tokenizer=kwargs.get("tokenizer"), report=self.report, overwrite=overwrite
+        )
+
+    # ------------------------------------------------------------------ compression
+
+    def compress(
+        self,
+        model: nn.Module,
+        calibration: CalibrationSource | None = None,
+        *,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 512,
+        seed: int | None = None,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> nn.Module:
+        """Replace every routed experts module of `model` (in place) and return the model.
+
+        `calibration` is a text file or folder, a JSONL file, a list of strings, token ids, or a dataset name
+        (`wikitext2`, `c4`, `ptb`); `None` compresses data-free (every expert equally frequent, no whitening).
+        """
+        config = self.config
+        check_supported(model)
+        seed = config.seed if seed is None else seed
+        started = time.perf_counter()
+        self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
+        self._warnings: list[str] = []
+        targets = [
+            (name, module)
+            for name, module in find_experts_modules(model)
+            if not getattr(module, "is_factorized", False) and config.is_convertible(name)
+        ]
+        if not targets:
+            raise ValueError("no experts module left to compress (all factorised already or excluded)")
+        before = self._parameter_counts(model)
+        tokenizer = tokenizer or self.tokenizer
+        batch = None
+        if calibration is None:
+            if config.needs_activations:
+                raise ValueError(
+                    f"whitening={config.whitening!r} / residual={config.residual!r} need calibration data; pass "
+                    "calibration= (a text file, folder, list of strings or dataset name)"
+                )
+            self._warn(
+                "no calibration data: compressing data-free (every expert counted as equally frequent, no "
+                "whitening); pass calibration= for frequency-aware ranks"
+            )
+        else:
+            batch = prepare_calibration(calibration, tokenizer, num_samples, seq_len, seed)
+        was_training = model.training
+        model.eval()
+        try:
+            if batch is None:
+                layer_reports = self._compress_data_free(model, targets, show_progress)
+            else:
+                layer_reports = self._compress_calibrated(model, targets, batch, batch_size, show_progress)
+        finally:
+            model.train(was_training)
+        self._attach(model, [name for name, _ in targets])
+        self._timings["total_s"] = time.perf_counter() - started
+        self.report = self._build_report(model, layer_reports, before, batch, calibration, seed)
+        model.rfid_report = self.report
+        return model
+
+    def _warn(self, message: str) -> None:
+        self._warnings.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    def _attach(self, model: nn.Module, names: list[str]) -> None:
+        """Make the in-memory model look loaded from an rfid_moe checkpoint (config, quantizer, flags)."""
+        from transformers.quantizers.base import _assign_is_quantized
+
+        from ..quantizer import RFIDMoEHfQuantizer, register
+
+        register()
+        existing = getattr(model.config, "quantization_config", None)
+        previous = existing.compressed_modules if isinstance(existing, RFIDMoEConfig) else None
+        self.config.compressed_modules = sorted(set(previous or []) | set(names))
+        model.config.quantization_config = self.config
+        model.hf_quantizer = RFIDMoEHfQuantizer(self.config, pre_quantized=True)
+        model.is_quantized = True
+        model.quantization_method = self.config.quant_method
+        _assign_is_quantized(model)
+
+    @staticmethod
+    def _parameter_counts(model: nn.Module) -> dict[str, int]:
+        """Parameters of the MoE blocks and of the whole model, before compression."""
+        blocks = {name.rsplit(".", 1)[0] for name, _ in find_experts_modules(model)}
+        return {
+            "moe": sum(_parameter_count(model.get_submodule(block)) for block in blocks),
+            "model": _parameter_count(model),
+        }
+
+    # -------------------------------------------------------------- per-layer planning
+
+    def _plan_module(
+        self, name: str, module: nn.Module, statistics: ExpertStatistics | None
+    ) -> tuple[list[list[int]], list[float], list[_MatrixPlan]]:
+        """Groups, frequencies and per-type spectra (factorised when the budget is per layer)."""
+        config = self.config
+        info = ExpertsLayout.of(module)
+        counts = statistics.counts.tolist() if statistics is not None else [0] * info.num_experts
+        frequencies = allocation.routing_frequencies(counts)
+        groups = allocation.group_experts(frequencies, config.group_size)
+        matrices = info.read_matrices(module)
+        fraction = config.effective_residual_fraction
+        plans = []
+        for matrix_type in config.targets:
+            if matrix_type not in info.matrix_types:
+                continue
+            out_features, in_features = info.shape(matrix_type)
+            code_dim = residual_code_dim(config.residual, out_features, in_features, fraction)
+            original = info.num_experts * out_features * in_features
+            plan = _MatrixPlan(
+                module_name=name,
+                matrix_type=matrix_type,
+                groups=groups,
+                weights=matrices[matrix_type].detach(),
+                group_frequencies=[sum(frequencies[e] for e in g) for g in groups],
+                code_dim=code_dim,
+                budget=config.keep * original - info.num_experts * code_dim,
+            )
+            space = "intermediate" if matrix_type == "down" else "hidden"
+            factorizations = []
+            for group_index, members in enumerate(groups):
+                gram = None
+                if config.whitening == "activation" and statistics is not None:
+                    if statistics.expert_tokens(members) >= config.min_expert_tokens:
+                        gram = statistics.gram(space, members)
+                    if gram is None:
+                        plan.weight_only_groups.append(group_index)
+                tick = time.perf_counter()
+                factorization = factorize_group(plan.weights[members].to(torch.float64), gram, config.whitening_floor)
+                self._timings["svd_s"] += time.perf_counter() - tick
+                factorizations.append(factorization)
+                plan.spectra.append(factorization.singular_values)
+                plan.effective_ranks.append(
+                    allocation.effective_rank(factorization.singular_values, config.erank_power)
+                )
+            if plan.weight_only_groups:
+                self._warn(
+                    f"{name}.{matrix_type}: groups {plan.weight_only_groups} had fewer than "
+                    f"{config.min_expert_tokens} routed calibration tokens; whitened with weight-only statistics"
+                )
+            plan.factorizations = factorizations
+            plans.append(plan)
+        return groups, frequencies, plans
+
+    def _scores(self, plans: list[_MatrixPlan]) -> list[float]:
+        """Fused scores over the groups of all `plans` (one plan per layer, or all layers of a type)."""
+        config = self.config
+        sizes = [len(g) for plan in plans for g in plan.groups]
+        if config.allocation == "uniform":
+            return [1.0] * len(sizes)
+        eranks = [e for plan in plans for e in plan.effective_ranks]
+        freqs = [f for plan in plans for f in plan.group_frequencies]
+        return allocation.fused_scores(eranks, freqs, config.effective_xi, config.score_normalization)
+
+    def _allocate(self, plans: list[_MatrixPlan]) -> None:
+        scores = self._scores(plans)
+        costs = [u for plan in plans for u in plan.unit_costs]
+        limits = [m for plan in plans for m in plan.max_ranks]
+        budget = sum(plan.budget for plan in plans)
+        try:
+            ranks = allocation.allocate_ranks(scores, costs, limits, budget, self.config.exact_budget)
+        except ValueError as error:
+            raise ValueError(f"{plans[0].module_name}.{plans[0].matrix_type}: {error}") from error
+        position = 0
+        for plan in plans:
+            count = len(plan.groups)
+            plan.scores, plan.ranks = scores[position : position + count], ranks[position : position + count]
+            position += count
+
+    def _build(
+        self,
+        name: str,
+        module: nn.Module,
+        layer_index: int,
+        plans: list[_MatrixPlan],
+        statistics: ExpertStatistics | None,
+    ) -> tuple[FactorizedExperts, dict[str, list[float]]]:
+        config = self.config
+        expert_grams = None
+        if config.residual == "fit" and statistics is not None:
+            expert_grams = {}
+            for plan in plans:
+                grams = statistics.hidden_grams if plan.matrix_type != "down" else statistics.intermediate_grams
+                expert_grams[plan.matrix_type] = {
+                    e: g for e, g in grams.items() if int(statistics.gram_tokens[e]) >= config.min_expert_tokens
+                }
+        tick = time.perf_counter()
+        replacement, errors = factorize_experts(
+            module,
+            plans[0].groups,
+            {plan.matrix_type: plan.ranks for plan in plans},
+            residual=config.residual if any(plan.code_dim for plan in plans) else "none",
+            residual_dims={plan.matrix_type: plan.code_dim for plan in plans},
+            seed=derive_seed(config.seed, layer_index),
+            expert_grams=expert_grams,
+            factorizations={plan.matrix_type: plan.factorizations for plan in plans},
+        )
+        self._timings["residual_s"] += time.perf_counter() - tick
+        return replacement, errors
+
+    def _layer_report(
+        self,
+        name: str,
+        layer_index: int,
+        groups: list[list[int]],
+        frequencies: list[float],
+        plans: list[_MatrixPlan],
+        errors: dict[str, list[float]],
+        statistics: ExpertStatistics | None,
+        replacement: FactorizedExperts,
+    ) -> dict[str, Any]:
+        stored = replacement.stored_parameters()
+        report: dict[str, Any] = {
+            "module": name,
+            "layer": layer_index,
+            "tokens": statistics.tokens if statistics is not None else 0,
+            "routing_counts": statistics.counts.tolist() if statistics is not None else None,
+            "routing_frequencies": frequencies,
+            "groups": groups,
+            "matrices": {},
+        }
+        for plan in plans:
+            original = plan.weights.numel()
+            report["matrices"][plan.matrix_type] = {
+                "shape": [plan.out_features, plan.in_features],
+                "effective_ranks": plan.effective_ranks,
+                "group_frequencies": plan.group_frequencies,
+                "scores": plan.scores,
+                "ranks": plan.ranks,
+                "max_ranks": plan.max_ranks,
+                "residual_dim": plan.code_dim,
+                "budget": plan.budget + plan.code_dim * plan.weights.shape[0],
+                "original_parameters": original,
+                "stored_parameters": stored[plan.matrix_type],
+                "kept_fraction": stored[plan.matrix_type] / original,
+                "relative_error": errors.get(plan.matrix_type),
+                "weight_only_groups": plan.weight_only_groups,
+            }
+        return report
+
+    def _layer_indices(self, model: nn.Module, names: list[str]) -> dict[str, int]:
+        list_name, _ = decoder_layers(model)
+        return {name: int(name[len(list_name) + 1 :].split(".")[0]) for name in names}
+
+    def _compress_modules(
+        self, model: nn.Module, entries: list[tuple[str, nn.Module, ExpertStatistics | None]], bar: Any = None
+    ) -> list[dict[str, Any]]:
+        """Plan, allocate and factorise a set of experts modules (one layer, or all layers when scope is global)."""
+        indices = self._layer_indices(model, [name for name, _, _ in entries])
+        planned = []
+        for name, module, statistics in entries:
+            if bar is not None:
+                bar.set_description(f"layer {indices[name] + 1}/{bar.total}: factorising")
+            planned.append((name, module, statistics, *self._plan_module(name, module, statistics)))
+        for matrix_type in self.config.targets:
+            type_plans = [p for entry in planned for p in entry[5] if p.matrix_type == matrix_type]
+            if not type_plans:
+                continue
+            if self.config.budget_scope == "global":
+                self._allocate(type_plans)
+            else:
+                for plan in type_plans:
+                    self._allocate([plan])
+        reports = []
+        for name, module, statistics, groups, frequencies, plans in planned:
+            replacement, errors = self._build(name, module, indices[name], plans, statistics)
+            model.set_submodule(name, replacement)
+            reports.append(
+                self._layer_report(name, indices[name], groups, frequencies, plans, errors, statistics, replacement)
+            )
+            for plan in plans:
+                plan.factorizations = None  # free the SVD factors
+        return reports
+
+    def _compress_data_free(
+        self, model: nn.Module, targets: list[tuple[str, nn.Module]], show_progress: bool
+    ) -> list[dict[str, Any]]:
+        if self.config.budget_scope == "global":
+            return self._compress_modules(model, [(name, module, None) for name, module in targets])
+        reports = []
+        _, layers = decoder_layers(model)
+        with tqdm(total=len(layers), disable=not show_progress, desc="factorising") as bar:
+            for name, module in targets:
+                reports.extend(self._compress_modules(model, [(name, module, None)], bar))
+                bar.update(1)
+        return reports
+
+    def _compress_calibrated(
+        self,
+        model: nn.Module,
+        targets: list[tuple[str, nn.Module]],
+        batch: Any,
+        batch_size: int,
+        show_progress: bool,
+    ) -> list[dict[str, Any]]:
+        config = self.config
+        list_name, layers = decoder_layers(model)
+        by_layer: dict[int, list[tuple[str, nn.Module]]] = {}
+        for name, module in targets:
+            by_layer.setdefault(int(name[len(list_name) + 1 :].split(".")[0]), []).append((name, module))
+        tick = time.perf_counter()
+        inputs = capture_layer_inputs(model, layers, batch, batch_size)
+        self._timings["calibration_s"] += time.perf_counter() - tick
+        propagate_original = config.propagate == "original" or config.budget_scope == "global"
+        if config.budget_scope == "global" and config.propagate == "compressed":
+            logger.info("budget_scope='global' collects every layer's statistics on the original model")
+        current_batch = {"index": 0}
+        reports: list[dict[str, Any]] = []
+        pending: list[tuple[str, nn.Module, ExpertStatistics]] = []
+        with tqdm(total=len(layers), disable=not show_progress, desc="calibrating") as bar:
+            for layer_index, layer in enumerate(layers):
+                entries = by_layer.get(layer_index, [])
+                bar.set_description(f"layer {layer_index + 1}/{len(layers)}: calibrating")
+                tick = time.perf_counter()
+                layer_stats = []
+                with _hooks(entries, layer_stats, inputs, current_batch, config):
+                    outputs = run_layer(
+                        layer,
+                        inputs,
+                        layer_index,
+                        keep_outputs=propagate_original or not entries,
+                        on_batch=lambda b: current_batch.update(index=b),
+                    )
+                self._timings["calibration_s"] += time.perf_counter() - tick
+                if entries and config.budget_scope == "global":
+                    pending.extend((name, module, stats) for (name, module), stats in zip(entries, layer_stats))
+                elif entries:
+                    reports.extend(
+                        self._compress_modules(model, [(n, m, s) for (n, m), s in zip(entries, layer_stats)], bar)
+                    )
+                    if not propagate_original:
+                        tick = time.perf_counter()
+                        outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda b: None)
+                        self._timings["calibration_s"] += time.perf_counter() - tick
+                inputs.hidden = outputs
+                bar.update(1)
+        if pending:
+            reports = self._compress_modules(model, pending)
+        return reports
+
+    # ------------------------------------------------------------------ report
+
+    def _build_report(
+        self,
+        model: nn.Module,
+        layers: list[dict[str, Any]],
+        before: dict[str, int],
+        batch: Any,
+        calibration: Any,
+        seed: int,
+    ) -> dict[str, Any]:
+        from .. import __version__
+
+        original_compressed = sum(m["original_parameters"] for layer in layers for m in layer["matrices"].values())
+        stored_compressed = sum(m["stored_parameters"] for layer in layers for m in layer["matrices"].values())
+        source = None
+        if calibration is not None:
+            source = str(calibration) if isinstance(calibration, (str, Path)) else type(calibration).__name__
+        return {
+            "hf_rfid_version": __version__,
+            "model_type": check_supported(model),
+            "base_model": getattr(model.config, "_name_or_path", None) or self.source,
+            "config": {k: v for k, v in self.config.to_dict().items() if k != "compressed_modules"},
+            "calibration": None
+            if batch is None
+            else {
+                "source": source,
+                "num_samples": int(batch.input_ids.shape[0]),
+                "seq_len": int(batch.input_ids.shape[1]),
+                "tokens": batch.num_tokens,
+                "seed": seed,
+            },
+            "layers": layers,
+            "totals": parameter_ratios(original_compressed, stored_compressed, before["moe"], before["model"]),
+            "timings": dict(self._timings),
+            "warnings": list(self._warnings),
+        }
+
+
+class _hooks:
+    """Context manager installing the statistics hooks of all experts modules of one layer."""
+
+    def __init__(self, entries, layer_stats, inputs, current_batch, config) -> None:
+        self.entries, self.layer_stats, self.inputs = entries, layer_stats, inputs
+        self.current_batch, self.config = current_batch, config
+        self.stack: list = []
+
+    def __enter__(self) -> None:
+        config = self.config
+        for _, module in self.entries:
+            info = ExpertsLayout.of(module)
+            stats = new_statistics(info.num_experts, with_grams=config.needs_activations)
+            self.layer_stats.append(stats)
+            collect_hidden = config.needs_activations and any(t != "down" for t in config.targets)
+            intermediate = (
+                intermediate_activations(module) if config.needs_activations and "down" in config.targets else None
+            )
+            context = record_experts(
+                module, stats, lambda: self.inputs.masks[self.current_batch["index"]], collect_hidden, intermediate
+            )
+            context.__enter__()
+            self.stack.append(context)
+
+    def __exit__(self, *exc: Any) -> None:
+        for context in reversed(self.stack):
+            context.__exit__(*exc)

@@ -1,0 +1,67 @@
+"""The one place that writes a compressed checkpoint: atomically (temporary directory, then rename)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "rfid_report.json"
+FIGURE_FILE = "rfid_allocation.png"
+
+
+def save_compressed(
+    model: nn.Module,
+    output_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    figure: bool = True,
+    model_card: bool = True,
+) -> Path:
+    """Write model, tokenizer, `rfid_report.json`, the allocation figure and a model card to `output_dir`.
+
+    Everything is written to a temporary sibling directory first and moved into place at the end, so an
+    interrupted save never leaves a half-written checkpoint (and never destroys an existing one).
+    """
+    from ..hub import write_model_card
+    from ..report import plot_allocation
+
+    output = Path(output_dir)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output} already exists and is not empty; pass overwrite=True (--overwrite)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = report if report is not None else getattr(model, "rfid_report", None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            if figure:
+                plot_allocation(report, staging / FIGURE_FILE)
+        if model_card:
+            write_model_card(staging, report=report)
+        if output.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            backup.rmdir()
+            output.rename(backup)
+            staging.rename(output)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved compressed model to %s", output)
+    return output

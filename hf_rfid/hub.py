@@ -1,0 +1,171 @@
+"""Model cards generated from the compression report, and publishing a compressed checkpoint to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CARD_TAGS = ["rfid-moe", "moe", "low-rank", "hf-rfid"]
+
+
+def _ratios_table(totals: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| quantity | value |",
+            "|---|---|",
+            f"| kept fraction of the compressed expert matrices | {totals['kept_fraction']:.4f} |",
+            f"| MoE-parameter reduction | {totals['moe_reduction']:.4f} "
+            f"({totals['moe_parameters_before']:,} -> {totals['moe_parameters_after']:,}) |",
+            f"| whole-model parameter reduction | {totals['model_reduction']:.4f} "
+            f"({totals['model_parameters_before']:,} -> {totals['model_parameters_after']:,}) |",
+        ]
+    )
+
+
+def build_model_card(
+    report: dict[str, Any] | None,
+    *,
+    base_model: str | None = None,
+    perplexities: dict[str, dict[str, float]] | None = None,
+    license: str | None = None,
+) -> str:
+    """Markdown model card (with YAML metadata) for a compressed checkpoint.
+
+    `perplexities` maps a dataset name to `{"dense": ..., "compressed": ...}` when they were measured.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    report = report or {}
+    config = report.get("config", {})
+    base_model = base_model or report.get("base_model")
+    hub_base = base_model if base_model and not Path(base_model).exists() and "/" in base_model else None
+    data = ModelCardData(
+        base_model=hub_base,
+        base_model_relation="quantized" if hub_base else None,
+        library_name="transformers",
+        license=license,
+        tags=list(CARD_TAGS),
+        pipeline_tag="text-generation",
+    )
+    lines = [
+        "",
+        "# RFID-MoE compressed model",
+        "",
+        f"The routed experts of {f'`{base_model}`' if base_model else 'this model'} were compressed with "
+        "[hf-rfid](https://pypi.org/project/hf-rfid/) (RFID-MoE: ranks allocated by routing frequency and "
+        "information density, group-shared SVD bases, residual codes through a sparse projection).",
+        "",
+        "**To load it, install and import hf-rfid first** (without the import, transformers builds the dense "
+        "architecture with random experts):",
+        "",
+        "```bash",
+        "pip install hf-rfid",
+        "```",
+        "```python",
+        "import hf_rfid  # registers the rfid_moe quantization method",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained(REPO_OR_DIR)",
+        "```",
+        "",
+    ]
+    if "totals" in report:
+        lines += ["## Size", "", _ratios_table(report["totals"]), ""]
+    if config:
+        switches = ", ".join(
+            f"`{key}={config[key]}`"
+            for key in (
+                "keep",
+                "allocation",
+                "group_size",
+                "xi",
+                "targets",
+                "whitening",
+                "residual",
+                "residual_fraction",
+                "budget_scope",
+            )
+            if key in config
+        )
+        lines += ["## Method", "", switches, ""]
+    calibration = report.get("calibration")
+    if calibration:
+        lines += [
+            f"Calibration: {calibration['num_samples']} windows of {calibration['seq_len']} tokens from "
+            f"`{calibration['source']}` (seed {calibration['seed']}).",
+            "",
+        ]
+    elif report:
+        lines += ["Calibration: none (data-free; every expert counted as equally frequent).", ""]
+    if perplexities:
+        lines += ["## Measured perplexity", "", "| data | dense | compressed |", "|---|---|---|"]
+        for name, values in perplexities.items():
+            lines.append(f"| {name} | {values.get('dense', float('nan')):.3f} | {values['compressed']:.3f} |")
+        lines.append("")
+    layers = report.get("layers") or []
+    if layers:
+        lines += [
+            "## Ranks per layer",
+            "",
+            "| layer | type | ranks per group (group 0 = most routed) |",
+            "|---|---|---|",
+        ]
+        for layer in layers:
+            for matrix_type, matrix in layer["matrices"].items():
+                lines.append(f"| {layer['layer']} | {matrix_type} | {' '.join(str(r) for r in matrix['ranks'])} |")
+        lines += ["", "The full allocation report is in `rfid_report.json`; `hf-rfid inspect DIR` prints it.", ""]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(lines)).content
+
+
+def write_model_card(directory: str | Path, report: dict[str, Any] | None = None, **kwargs: Any) -> Path:
+    """Write `README.md` (the model card) into a checkpoint directory."""
+    directory = Path(directory)
+    if report is None and (directory / "rfid_report.json").exists():
+        report = json.loads((directory / "rfid_report.json").read_text())
+    path = directory / "README.md"
+    path.write_text(build_model_card(report, **kwargs), encoding="utf-8")
+    return path
+
+
+class HubUploadError(RuntimeError):
+    """Publishing to the Hub failed; the local checkpoint is untouched."""
+
+
+def push_to_hub(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload RFID-MoE compressed model",
+    revision: str | None = None,
+) -> str:
+    """Publish a saved compressed checkpoint directory (weights, config, tokenizer, report, figure, card) in one commit.
+
+    Returns the URL of the commit. The token is passed to `huggingface_hub` only; it is never printed or logged.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a saved checkpoint directory (no config.json)")
+    if not (directory / "README.md").exists():
+        write_model_card(directory)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(directory),
+            commit_message=commit_message,
+            revision=revision,
+            repo_type="model",
+        )
+    except (HfHubHTTPError, OSError) as error:
+        raise HubUploadError(f"uploading {directory} to {repo_id} failed ({type(error).__name__}: {error})") from None
+    logger.info("published %s to %s", directory, repo_id)
+    return str(getattr(info, "commit_url", info))
