@@ -21,13 +21,14 @@ from torch import nn
 from .config import FORMAT_VERSION, QUANT_METHOD, RFIDMoEConfig
 from .modeling.adapters import ExpertsLayout, find_experts_modules
 from .modeling.experts import FactorizedExperts, FactorizedLayout, LowRankSpec
+from .modeling.residual import selected_columns_count
 
 METADATA_KEY = "rfid_format"
 
 _FACTOR_KEY = re.compile(
     r"^(?:expert_group|bias_gate_up|bias_down"
     r"|(?P<type>gate|up|down)\.(?:dense|bases\.(?P<g>\d+)\.weight|coefficients\.(?P<e>\d+)\.weight"
-    r"|residual\.(?:codes|seeds)))$"
+    r"|residual\.(?:codes|seeds|columns)))$"
 )
 
 
@@ -135,6 +136,13 @@ def _layout_of_module(
                 )
             if residual_kind == "hash":
                 require(f"{matrix_type}.residual.seeds", [num_groups])
+            if residual_kind == "fit":
+                selected = selected_columns_count(residual_dim, out_features, in_features)
+                require(f"{matrix_type}.residual.columns", [num_groups, selected])
+                columns = _read_tensor(entries[f"{matrix_type}.residual.columns"])
+                distinct = all(len(set(row)) == len(row) for row in columns.tolist())
+                if columns.numel() and (int(columns.min()) < 0 or int(columns.max()) >= in_features or not distinct):
+                    raise CheckpointFormatError(f"tensor {full(f'{matrix_type}.residual.columns')} is out of range")
         layout.lowrank[matrix_type] = LowRankSpec(ranks=ranks, residual_dim=residual_dim)
     if info.has_bias:
         fused_in = (2 if info.has_gate else 1) * info.intermediate_size

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hf_rfid  # noqa: E402,F401  (registers the quantizer)
-from tiny_models import TEXT_FIXTURE  # noqa: E402
+from tiny_models import TEXT_FIXTURE
+
+import hf_rfid  # noqa: F401  (registers the quantizer)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO.parent / "shared" / "data" / "wiki_vital_en" / "train.txt"
@@ -28,6 +29,11 @@ def _quiet_and_deterministic():
 
 
 @pytest.fixture(scope="session")
-def calibration_file() -> Path:
-    """Real English text: the shared train split when present, else the committed fixture."""
-    return SHARED_TRAIN if SHARED_TRAIN.exists() else TEXT_FIXTURE
+def calibration_file(tmp_path_factory) -> Path:
+    """Real English text: 300 KB of the shared wiki train split when present, else the committed fixture."""
+    if not SHARED_TRAIN.exists():
+        return TEXT_FIXTURE
+    excerpt = tmp_path_factory.mktemp("calibration") / "wiki_train_excerpt.txt"
+    text = SHARED_TRAIN.read_text(encoding="utf-8")[:300_000]
+    excerpt.write_text(text[: text.rfind("\n\n")], encoding="utf-8")
+    return excerpt

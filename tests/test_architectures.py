@@ -19,10 +19,7 @@ FORBIDDEN_LEAVES = {"gate_up_proj", "down_proj", "gate_proj", "up_proj", "w1", "
 
 def _full_rank(module: torch.nn.Module, groups: list[list[int]]) -> dict[str, list[int]]:
     info = ExpertsLayout.of(module)
-    return {
-        t: [min(len(g) * info.shape(t)[0], info.shape(t)[1]) for g in groups]
-        for t in info.matrix_types
-    }
+    return {t: [min(len(g) * info.shape(t)[0], info.shape(t)[1]) for g in groups] for t in info.matrix_types}
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

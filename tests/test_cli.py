@@ -81,7 +81,11 @@ def test_console_script_dequantize_gives_a_checkpoint_plain_transformers_loads(c
     env = {**os.environ, "PYTHONPATH": ""}
     check = subprocess.run(
         [sys.executable, "-c", script, str(dense_out), str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert check.returncode == 0, check.stderr
     logits = torch.load(tmp_path / "logits.pt")
@@ -96,7 +100,10 @@ def test_evaluate_json_has_the_documented_keys(compressed_dir, dense_dir, capsys
     assert {"perplexity", "tokens", "bits_per_byte", "router_topk_agreement"} <= result.keys()
     assert result["tokens"] == 512 - 8 and result["perplexity"] > 1
     assert 0 <= result["router_topk_agreement"] <= 1
-    assert set(result["router_topk_agreement_per_layer"]) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert set(result["router_topk_agreement_per_layer"]) == {
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    }
 
 
 @pytest.mark.parametrize(

@@ -109,8 +109,16 @@ def test_pytorch_bin_checkpoint_is_refused(checkpoint):
 
 def _llama4_config():
     return transformers.Llama4TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
     )
 
 
@@ -121,7 +129,10 @@ def _llama4_config():
         (
             lambda: transformers.DbrxForCausalLM(
                 transformers.DbrxConfig(
-                    d_model=32, n_heads=2, n_layers=1, vocab_size=64,
+                    d_model=32,
+                    n_heads=2,
+                    n_layers=1,
+                    vocab_size=64,
                     ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 1},
                     attn_config={"kv_n_heads": 1, "rope_theta": 10000.0},
                 )
@@ -132,8 +143,14 @@ def _llama4_config():
         (
             lambda: transformers.JetMoeForCausalLM(
                 transformers.JetMoeConfig(
-                    vocab_size=64, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
-                    intermediate_size=16, num_local_experts=4, num_experts_per_tok=1,
+                    vocab_size=64,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_key_value_heads=2,
+                    kv_channels=8,
+                    intermediate_size=16,
+                    num_local_experts=4,
+                    num_experts_per_tok=1,
                 )
             ),
             "jetmoe",
@@ -142,8 +159,12 @@ def _llama4_config():
         (
             lambda: transformers.LlamaForCausalLM(
                 transformers.LlamaConfig(
-                    vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1,
+                    vocab_size=64,
+                    hidden_size=32,
+                    intermediate_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
                 )
             ),
             "llama",

@@ -125,9 +125,10 @@ def build_windows(
         raise CalibrationDataError(f"need num_samples >= 1 and seq_len >= 2; got {num_samples} and {seq_len}")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    for document in documents:
-        stream.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-        stream.extend(separator)
+    for start in range(0, len(documents), 1024):
+        for ids in tokenizer(list(documents[start : start + 1024]), add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.extend(separator)
     needed = num_samples * seq_len
     if len(stream) < needed:
         raise CalibrationDataError(

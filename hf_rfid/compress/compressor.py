@@ -31,7 +31,13 @@ from .calibration import (
     record_experts,
     run_layer,
 )
-from .factorize import GroupFactorization, encode_residual, factorize_group, relative_error
+from .factorize import (
+    GroupFactorization,
+    encode_residual,
+    factorize_group,
+    relative_error,
+    select_residual_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +50,8 @@ def residual_code_dim(kind: str, out_features: int, in_features: int, fraction: 
         return 0
     if kind == "hash":
         return hash_code_dim(out_features, in_features, fraction)
-    projection = BlockProjection.for_budget(out_features, in_features, int(fraction * out_features * in_features))
-    return projection.code_dim if projection is not None else 0
+    blocks = BlockProjection.blocks_for_budget(out_features, in_features, int(fraction * out_features * in_features))
+    return out_features * blocks
 
 
 @dataclass
@@ -138,17 +144,27 @@ def factorize_experts(
                     factorization = factorize_group(group_weights, gram, whitening_floor)
                 basis, coefficients = factorization.truncate(ranks[matrix_type][group_index])
                 target.bases[group_index].weight.copy_(basis)
-                projection = None
+                residuals = {}
                 if target.residual is not None:
                     if residual == "hash":
                         target.residual.seeds[group_index] = derive_seed(seed, group_index)
-                    projection = target.residual.projection(group_index, *info.shape(matrix_type))
+                    residuals = {
+                        expert: group_weights[position] - coefficients[position] @ basis
+                        for position, expert in enumerate(members)
+                    }
+                    if residual == "fit":
+                        group_gram = (grams or {}).get(matrix_type, [None] * len(groups))[group_index]
+                        target.residual.columns[group_index] = select_residual_columns(
+                            list(residuals.values()), group_gram, target.residual.columns.shape[1]
+                        )
                 for position, expert in enumerate(members):
                     target.coefficients[expert].weight.copy_(coefficients[position])
                     approximation = coefficients[position] @ basis
-                    if projection is not None:
+                    if residuals:
+                        projection = target.residual.projection(group_index)
                         expert_gram = (expert_grams or {}).get(matrix_type, {}).get(expert)
-                        code = encode_residual(projection, group_weights[position] - approximation, expert_gram)
+                        use_gram = expert_gram if residual == "fit" else None
+                        code = encode_residual(projection, residuals[expert], use_gram)
                         target.residual.codes[expert] = code.to(target.residual.codes.dtype)
                         stored_code = target.residual.codes[expert : expert + 1].double()
                         approximation = approximation + projection.decode(stored_code)[0]
@@ -404,14 +420,16 @@ class RFIDCompressor(OptimumQuantizer):
         statistics: ExpertStatistics | None,
     ) -> tuple[FactorizedExperts, dict[str, list[float]]]:
         config = self.config
-        expert_grams = None
+        expert_grams, group_grams = None, None
         if config.residual == "fit" and statistics is not None:
-            expert_grams = {}
+            expert_grams, group_grams = {}, {}
             for plan in plans:
-                grams = statistics.hidden_grams if plan.matrix_type != "down" else statistics.intermediate_grams
+                space = "intermediate" if plan.matrix_type == "down" else "hidden"
+                grams = statistics.intermediate_grams if space == "intermediate" else statistics.hidden_grams
                 expert_grams[plan.matrix_type] = {
                     e: g for e, g in grams.items() if int(statistics.gram_tokens[e]) >= config.min_expert_tokens
                 }
+                group_grams[plan.matrix_type] = [statistics.gram(space, members) for members in plan.groups]
         tick = time.perf_counter()
         replacement, errors = factorize_experts(
             module,
@@ -420,6 +438,7 @@ class RFIDCompressor(OptimumQuantizer):
             residual=config.residual if any(plan.code_dim for plan in plans) else "none",
             residual_dims={plan.matrix_type: plan.code_dim for plan in plans},
             seed=derive_seed(config.seed, layer_index),
+            grams=group_grams,
             expert_grams=expert_grams,
             factorizations={plan.matrix_type: plan.factorizations for plan in plans},
         )

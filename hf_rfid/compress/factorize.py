@@ -115,3 +115,16 @@ def relative_error(original: torch.Tensor, approximation: torch.Tensor, gram: to
     denominator = float(torch.einsum("ij,jk,ik->", original, gram, original))
     numerator = float(torch.einsum("ij,jk,ik->", error, gram, error))
     return (max(numerator, 0.0) / denominator) ** 0.5 if denominator > 0 else 0.0
+
+
+def select_residual_columns(residuals: list[torch.Tensor], gram: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The `count` input columns holding the most activation-weighted residual energy of a group.
+
+    Score of column c: sum over the group's experts of |R_i[:, c]|^2, times the input energy Gram[c, c] when a Gram
+    is given. Ties go to the lower index. Returned in descending score order.
+    """
+    energy = torch.stack([r.to(torch.float64).pow(2).sum(0) for r in residuals]).sum(0)
+    if gram is not None:
+        energy = energy * gram.to(torch.float64).diagonal().clamp_min(0)
+    order = sorted(range(energy.numel()), key=lambda c: (-float(energy[c]), c))
+    return torch.tensor(order[:count], dtype=torch.int64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,28 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "rfid_report.json"
 FIGURE_FILE = "rfid_allocation.png"
+
+
+def canonicalize_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place (same length).
+
+    safetensors stores `__metadata__` from a hash map whose iteration order changes between processes, so two
+    saves of identical tensors can differ in their header bytes. Sorting the keys makes checkpoints reproducible.
+    """
+    with path.open("r+b") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        raw = handle.read(length)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not metadata or len(metadata) < 2:
+            return
+        del header["__metadata__"]
+        ordered = {"__metadata__": dict(sorted(metadata.items())), **header}  # safetensors writes metadata first
+        encoded = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(encoded) > length:
+            return
+        handle.seek(8)
+        handle.write(encoded + b" " * (length - len(encoded)))
 
 
 def save_compressed(
@@ -44,6 +67,8 @@ def save_compressed(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        for weights in staging.glob("*.safetensors"):
+            canonicalize_safetensors_header(weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if report is not None:

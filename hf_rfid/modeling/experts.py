@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import ExpertsLayout
-from .residual import ResidualProjection, make_projection
+from .residual import ResidualProjection, make_projection, selected_columns_count
 
 
 @dataclass
@@ -76,24 +76,45 @@ class DenseExpertMatrices(nn.Module):
 
 
 class ResidualCodes(nn.Module):
-    """Residual codes (E, D) of one matrix type, with the group seeds of the hash projection."""
+    """Residual codes (E, D) of one matrix type, with what defines each group's projection.
 
-    def __init__(self, num_experts: int, code_dim: int, num_groups: int, kind: str) -> None:
+    `hash`: a seed per group (`seeds`, (G,)); `fit`: the selected input columns per group (`columns`, (G, n));
+    `blocks`: nothing (contiguous blocks follow from the shapes).
+    """
+
+    def __init__(
+        self, num_experts: int, code_dim: int, num_groups: int, kind: str, out_features: int, in_features: int
+    ) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind, self.out_features, self.in_features = kind, out_features, in_features
         self.codes = nn.Parameter(torch.zeros(num_experts, code_dim))
         if kind == "hash":
             self.register_buffer("seeds", torch.zeros(num_groups, dtype=torch.int64))
-        self._projections: dict[int, ResidualProjection] = {}
+        elif kind == "fit":
+            selected = selected_columns_count(code_dim, out_features, in_features)
+            self.register_buffer("columns", torch.zeros(num_groups, selected, dtype=torch.int64))
+        self._projections: dict[int, tuple[tuple, ResidualProjection]] = {}
 
-    def projection(self, group: int, out_features: int, in_features: int) -> ResidualProjection:
-        """The (cached) projection shared by `group`."""
-        seed = int(self.seeds[group]) if self.kind == "hash" else 0
+    def _definition(self, group: int) -> tuple:
+        if self.kind == "hash":
+            return (int(self.seeds[group]),)
+        if self.kind == "fit":
+            return tuple(self.columns[group].tolist())
+        return ()
+
+    def projection(self, group: int) -> ResidualProjection:
+        """The projection shared by `group` (cached until its seed / columns change)."""
+        definition = self._definition(group)
         cached = self._projections.get(group)
-        if cached is None or getattr(cached, "seed", 0) != seed:
-            cached = make_projection(self.kind, out_features, in_features, self.codes.shape[1], seed)
+        if cached is None or cached[0] != definition:
+            seed = definition[0] if self.kind == "hash" else 0
+            columns = torch.tensor(definition, dtype=torch.int64) if self.kind == "fit" else None
+            projection = make_projection(
+                self.kind, self.out_features, self.in_features, self.codes.shape[1], seed, columns
+            )
+            cached = (definition, projection)
             self._projections[group] = cached
-        return cached
+        return cached[1]
 
 
 class LowRankExpertMatrices(nn.Module):
@@ -114,7 +135,9 @@ class LowRankExpertMatrices(nn.Module):
             nn.Linear(spec.ranks[group], out_features, bias=False) for group in expert_group
         )
         self.residual = (
-            ResidualCodes(len(expert_group), spec.residual_dim, len(spec.ranks), residual_kind)
+            ResidualCodes(
+                len(expert_group), spec.residual_dim, len(spec.ranks), residual_kind, out_features, in_features
+            )
             if spec.residual_dim > 0 and residual_kind != "none"
             else None
         )
@@ -130,17 +153,17 @@ class LowRankExpertMatrices(nn.Module):
         projected = self.project(inputs, group) if shared is None else shared
         output = self.coefficients[expert](projected)
         if self.residual is not None:
-            projection = self.residual.projection(group, self.out_features, self.in_features)
-            output = output + projection.apply(inputs, self.residual.codes[expert])
+            output = output + self.residual.projection(group).apply(inputs, self.residual.codes[expert])
         return output
 
+    @torch.no_grad()
     def materialize(self, expert_group: Iterable[int]) -> torch.Tensor:
         """Dense weights A_e B_g + R_hat_e of every expert, (E, out, in) in float32 (for dequantising)."""
         weights = []
         for expert, group in enumerate(expert_group):
             weight = self.coefficients[expert].weight.float() @ self.bases[group].weight.float()
             if self.residual is not None:
-                projection = self.residual.projection(group, self.out_features, self.in_features)
+                projection = self.residual.projection(group)
                 weight = weight + projection.decode(self.residual.codes[expert : expert + 1].float())[0].float()
             weights.append(weight)
         return torch.stack(weights)

@@ -139,21 +139,43 @@ class HashProjection(ResidualProjection):
 
 
 class BlockProjection(ResidualProjection):
-    """Contiguous column blocks per row: h(o, c) = o * nb + floor(c * nb / in); applied as a pooled matmul."""
+    """Column blocks per row: h(o, c) = o * nb + blk(c); applied as a pooled matmul U (pool x).
 
-    def __init__(self, out_features: int, in_features: int, blocks_per_row: int) -> None:
-        if not 1 <= blocks_per_row <= in_features:
-            raise ValueError(f"blocks per row must be in [1, {in_features}]; got {blocks_per_row}")
-        self.out_features, self.in_features, self.blocks_per_row = out_features, in_features, blocks_per_row
-        self.code_dim = out_features * blocks_per_row
-        self.block_of_column = torch.arange(in_features) * blocks_per_row // in_features
-        self.block_sizes = torch.bincount(self.block_of_column, minlength=blocks_per_row).to(torch.float64)
+    `residual="blocks"` uses contiguous blocks; `residual="fit"` uses a data-chosen partition (the input columns
+    that carry the most activation-weighted residual energy get a block each, the rest share the last block).
+    """
+
+    def __init__(self, out_features: int, in_features: int, block_of_column: torch.Tensor) -> None:
+        block_of_column = torch.as_tensor(block_of_column, dtype=torch.int64)
+        blocks = int(block_of_column.max()) + 1 if block_of_column.numel() else 0
+        if block_of_column.shape != (in_features,) or int(block_of_column.min()) < 0 or blocks > in_features:
+            raise ValueError(f"invalid column partition for {in_features} input columns")
+        self.block_sizes = torch.bincount(block_of_column, minlength=blocks).to(torch.float64)
+        if (self.block_sizes == 0).any():
+            raise ValueError("every block of a residual column partition must hold at least one column")
+        self.out_features, self.in_features, self.blocks_per_row = out_features, in_features, blocks
+        self.code_dim = out_features * blocks
+        self.block_of_column = block_of_column
 
     @classmethod
-    def for_budget(cls, out_features: int, in_features: int, code_budget: int) -> BlockProjection | None:
-        """The finest block layout whose code (out * nb numbers) fits in `code_budget`; None if not even one block."""
-        blocks = min(in_features, code_budget // out_features)
-        return cls(out_features, in_features, blocks) if blocks >= 1 else None
+    def contiguous(cls, out_features: int, in_features: int, blocks_per_row: int) -> BlockProjection:
+        """`nb` contiguous blocks of (almost) equal width per row."""
+        if not 1 <= blocks_per_row <= in_features:
+            raise ValueError(f"blocks per row must be in [1, {in_features}]; got {blocks_per_row}")
+        return cls(out_features, in_features, torch.arange(in_features) * blocks_per_row // in_features)
+
+    @classmethod
+    def selected(cls, out_features: int, in_features: int, columns: torch.Tensor) -> BlockProjection:
+        """A block for each listed column (in order), plus one block pooling all other columns (if any)."""
+        columns = torch.as_tensor(columns, dtype=torch.int64)
+        block_of_column = torch.full((in_features,), len(columns), dtype=torch.int64)
+        block_of_column[columns] = torch.arange(len(columns))
+        return cls(out_features, in_features, block_of_column)
+
+    @staticmethod
+    def blocks_for_budget(out_features: int, in_features: int, code_budget: int) -> int:
+        """The most blocks per row whose code (out * nb numbers) fits in `code_budget` (0: none fits)."""
+        return min(in_features, code_budget // out_features)
 
     def bucket_index(self) -> torch.Tensor:
         return torch.arange(self.out_features)[:, None] * self.blocks_per_row + self.block_of_column[None, :]
@@ -178,12 +200,29 @@ def hash_code_dim(out_features: int, in_features: int, fraction: float) -> int:
     return fft_friendly_size(math.floor(fraction * out_features * in_features + 1e-9))
 
 
-def make_projection(kind: str, out_features: int, in_features: int, code_dim: int, seed: int = 0) -> ResidualProjection:
-    """Rebuild the projection of a stored residual from its kind, shape, code length and seed."""
+def make_projection(
+    kind: str,
+    out_features: int,
+    in_features: int,
+    code_dim: int,
+    seed: int = 0,
+    columns: torch.Tensor | None = None,
+) -> ResidualProjection:
+    """Rebuild the projection of a stored residual from its kind, shape, code length and seed / selected columns."""
     if kind == "hash":
         return HashProjection(out_features, in_features, code_dim, seed)
     if kind in ("blocks", "fit"):
         if code_dim % out_features:
             raise ValueError(f"block residual code length {code_dim} is not a multiple of the {out_features} rows")
-        return BlockProjection(out_features, in_features, code_dim // out_features)
+        if kind == "fit":
+            if columns is None:
+                raise ValueError("a fitted residual needs its selected columns")
+            return BlockProjection.selected(out_features, in_features, columns)
+        return BlockProjection.contiguous(out_features, in_features, code_dim // out_features)
     raise ValueError(f"unknown residual kind {kind!r}")
+
+
+def selected_columns_count(code_dim: int, out_features: int, in_features: int) -> int:
+    """Columns a `fit` residual selects: one block each, plus the pooled block when columns are left over."""
+    blocks = code_dim // out_features
+    return blocks if blocks >= in_features else blocks - 1
