@@ -118,9 +118,14 @@ def _compress(args: argparse.Namespace) -> int:
         f"reduction {totals['model_reduction']:.4f}"
     )
     if args.push_to_hub:
-        from .hub import push_to_hub
+        from .hub import HubUploadError, push_to_hub
 
-        url = push_to_hub(output, args.push_to_hub, private=args.private)
+        try:
+            url = push_to_hub(output, args.push_to_hub, private=args.private)
+        except HubUploadError as error:
+            raise CommandError(
+                f"{error}. The compressed checkpoint in {output} is complete; retry the upload"
+            ) from None
         print(f"published to {url}")
     return 0
 
@@ -135,6 +140,9 @@ def _add_evaluate(subparsers: Any) -> None:
     parser.add_argument("--reference", help="original model: also report router top-k agreement")
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--record", action="store_true", help="store the result in the checkpoint's rfid_report.json and model card"
+    )
     parser.set_defaults(handler=_evaluate)
 
 
@@ -153,19 +161,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.reference:
         reference, _ = _load(args.reference, args.dtype)
+        measured = perplexity(
+            reference, tokenizer, data, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens
+        )
+        result["reference_perplexity"] = measured["perplexity"]
         windows, _ = tokenize_windows(data.read_text(encoding="utf-8"), tokenizer, args.seq_len, args.max_tokens)
         agreement = routing_agreement(model, reference, windows, batch_size=args.batch_size)
         result["router_topk_agreement"] = agreement["mean"]
         result["router_topk_agreement_per_layer"] = agreement["per_layer"]
+    if args.record:
+        _record_evaluation(Path(args.model), data, result)
     if args.json:
         print(json.dumps(result))
     else:
         print(
             f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  tokens {result['tokens']}"
         )
+        if "reference_perplexity" in result:
+            print(f"reference perplexity {result['reference_perplexity']:.4f}")
         if "router_topk_agreement" in result:
             print(f"router top-k agreement with {args.reference}: {result['router_topk_agreement']:.4f}")
     return 0
+
+
+def _record_evaluation(directory: Path, data: Path, result: dict[str, Any]) -> None:
+    """Add a measured perplexity to the checkpoint's report and regenerate its model card."""
+    from .compress.writer import REPORT_FILE
+    from .hub import write_model_card
+
+    report_file = directory / REPORT_FILE
+    if not report_file.is_file():
+        raise CommandError(f"--record needs a local checkpoint with {REPORT_FILE}; {directory} has none")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    name = f"{data.parent.name}/{data.name}" if data.parent.name else data.name
+    report.setdefault("evaluation", {})[name] = {
+        "compressed": result["perplexity"],
+        "dense": result.get("reference_perplexity"),
+        "bits_per_byte": result["bits_per_byte"],
+        "tokens": result["tokens"],
+        "seq_len": result["seq_len"],
+    }
+    report_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_model_card(directory, report=report)
 
 
 def _add_inspect(subparsers: Any) -> None:

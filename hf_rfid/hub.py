@@ -32,14 +32,17 @@ def build_model_card(
     base_model: str | None = None,
     perplexities: dict[str, dict[str, float]] | None = None,
     license: str | None = None,
+    tags: list[str] | None = None,
 ) -> str:
     """Markdown model card (with YAML metadata) for a compressed checkpoint.
 
-    `perplexities` maps a dataset name to `{"dense": ..., "compressed": ...}` when they were measured.
+    `perplexities` maps a dataset name to `{"dense": ..., "compressed": ...}`; by default the measurements that
+    `hf-rfid evaluate --record` stored in the report are used.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     report = report or {}
+    perplexities = perplexities or report.get("evaluation")
     config = report.get("config", {})
     base_model = base_model or report.get("base_model")
     hub_base = base_model if base_model and not Path(base_model).exists() and "/" in base_model else None
@@ -48,7 +51,7 @@ def build_model_card(
         base_model_relation="quantized" if hub_base else None,
         library_name="transformers",
         license=license,
-        tags=list(CARD_TAGS),
+        tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
         pipeline_tag="text-generation",
     )
     lines = [
@@ -103,7 +106,8 @@ def build_model_card(
     if perplexities:
         lines += ["## Measured perplexity", "", "| data | dense | compressed |", "|---|---|---|"]
         for name, values in perplexities.items():
-            lines.append(f"| {name} | {values.get('dense', float('nan')):.3f} | {values['compressed']:.3f} |")
+            dense = f"{values['dense']:.3f}" if values.get("dense") is not None else "-"
+            lines.append(f"| {name} | {dense} | {values['compressed']:.3f} |")
         lines.append("")
     layers = report.get("layers") or []
     if layers:
@@ -169,3 +173,48 @@ def push_to_hub(
         raise HubUploadError(f"uploading {directory} to {repo_id} failed ({type(error).__name__}: {error})") from None
     logger.info("published %s to %s", directory, repo_id)
     return str(getattr(info, "commit_url", info))
+
+
+def push_compressed_model(
+    model: Any,
+    repo_id: str,
+    *,
+    tokenizer: Any = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    max_shard_size: str | int = "5GB",
+    tags: list[str] | None = None,
+    **_: Any,
+) -> str:
+    """Save an in-memory compressed model with its report, figure, card and tokenizer, and publish it in one commit.
+
+    Bound as `push_to_hub` on every compressed model (after `RFIDCompressor.compress` or loading), so
+    `compressed.push_to_hub(repo)` publishes the whole checkpoint and not only the weights.
+    """
+    import tempfile
+
+    from .compress.writer import save_compressed
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "rfid_tokenizer", None)
+    with tempfile.TemporaryDirectory(prefix="hf-rfid-push-") as staging:
+        directory = save_compressed(
+            model, Path(staging) / "checkpoint", tokenizer=tokenizer, max_shard_size=max_shard_size, model_card=False
+        )
+        write_model_card(directory, tags=tags)
+        return push_to_hub(
+            directory,
+            repo_id,
+            private=bool(private),
+            token=token,
+            commit_message=commit_message or "Upload RFID-MoE compressed model",
+            revision=revision,
+        )
+
+
+def bind_push_to_hub(model: Any) -> None:
+    """Make `model.push_to_hub(...)` publish through `push_compressed_model`."""
+    import types
+
+    model.push_to_hub = types.MethodType(push_compressed_model, model)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +12,9 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from .compress.writer import REPORT_FILE
 from .config import FORMAT_VERSION, QUANT_METHOD, RFIDMoEConfig
+from .hub import bind_push_to_hub
 from .loading import METADATA_KEY, CheckpointFormatError, read_factorized_layouts, replace_experts
 from .modeling.adapters import HUB_KERNEL_MODEL_TYPES, check_supported
 from .modeling.experts import FactorizedExperts
@@ -58,6 +62,7 @@ class RFIDMoEHfQuantizer(HfQuantizer):
             raise CheckpointFormatError(f"rfid_moe checkpoints are safetensors only; got {bad[0]}")
         layouts = read_factorized_layouts(model, checkpoint_files, self.quantization_config)
         replace_experts(model, layouts)
+        self._report_file = Path(checkpoint_files[0]).parent / REPORT_FILE
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -68,6 +73,10 @@ class RFIDMoEHfQuantizer(HfQuantizer):
                 if module._group_members != expected:
                     raise CheckpointFormatError(f"{name}.expert_group changed while loading")
         _align_cpu_tensors(model)
+        report_file = getattr(self, "_report_file", None)
+        if report_file is not None and report_file.is_file():
+            model.rfid_report = json.loads(report_file.read_text(encoding="utf-8"))
+        bind_push_to_hub(model)
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:

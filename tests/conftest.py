@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_TRAIN = REPO.parent / "shared" / "data" / "wiki_vital_en" / "train.txt"
 
 
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes small ops up to 400x slower when
+# the cores are shared with other processes. Tests that run a real model raise the thread count themselves.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_deterministic():
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import RFIDMoEConfig
+from ..hub import bind_push_to_hub
 from ..modeling.adapters import ExpertsLayout, check_supported, decoder_layers, find_experts_modules
 from ..modeling.experts import FactorizedExperts, FactorizedLayout, LowRankExpertMatrices, LowRankSpec
 from ..modeling.residual import BlockProjection, derive_seed, hash_code_dim
@@ -300,6 +301,8 @@ class RFIDCompressor(OptimumQuantizer):
         self._timings["total_s"] = time.perf_counter() - started
         self.report = self._build_report(model, layer_reports, before, batch, calibration, seed)
         model.rfid_report = self.report
+        if tokenizer is not None:
+            model.rfid_tokenizer = tokenizer
         return model
 
     def _warn(self, message: str) -> None:
@@ -321,6 +324,7 @@ class RFIDCompressor(OptimumQuantizer):
         model.is_quantized = True
         model.quantization_method = self.config.quant_method
         _assign_is_quantized(model)
+        bind_push_to_hub(model)
 
     @staticmethod
     def _parameter_counts(model: nn.Module) -> dict[str, int]:
