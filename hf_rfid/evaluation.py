@@ -9,8 +9,8 @@ the predicted tokens' text.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,40 @@ def tokenize_windows(
     return windows, predicted_bytes
 
 
+@contextmanager
+def recording_routes(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record, per experts module, the top-k expert indices of every token the model processes."""
+    sink: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, experts in find_experts_modules(model):
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
+            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            sink.setdefault(name, []).append(index.detach().reshape(-1, index.shape[-1]).cpu())
+
+        handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield sink
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_batches(model: nn.Module, windows: Sequence[torch.Tensor], batch_size: int, show_progress: bool):
+    """Yield (logits, ids, mask) per batch of windows (right-padded; padded positions masked)."""
+    device = next(model.parameters()).device
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    for batch in tqdm(batches, disable=not show_progress, desc="evaluating"):
+        width = max(len(w) for w in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, window in enumerate(batch):
+            ids[row, : len(window)] = window
+            mask[row, : len(window)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        yield logits, ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -68,29 +102,29 @@ def perplexity(
     batch_size: int = 4,
     max_tokens: int | None = None,
     show_progress: bool = False,
+    routes: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Perplexity, mean NLL, bits per byte and token count of `model` on `text` (a string or a file path)."""
+    """Perplexity, mean NLL, bits per byte and token count of `model` on `text` (a string or a file path).
+
+    Pass a dict as `routes` to also receive, per experts module, the top-k expert indices of every real token.
+    """
     windows, window_bytes = tokenize_windows(read_text(text), tokenizer, seq_len, max_tokens)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-        for batch in tqdm(batches, disable=not show_progress, desc="evaluating"):
-            lengths = [len(w) for w in batch]
-            ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, window in enumerate(batch):
-                ids[row, : len(window)] = window
-                mask[row, : len(window)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            logits = logits[:, :-1].float()
-            targets = ids[:, 1:].to(device)
-            valid = mask[:, 1:].to(device).bool()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            total_nll += float(nll.view_as(targets)[valid].sum())
-            total_tokens += int(valid.sum())
+        with recording_routes(model) as recorded:
+            masks = []
+            for logits, ids, mask in _run_batches(model, windows, batch_size, show_progress):
+                logits = logits[:, :-1].float()
+                valid = mask[:, 1:].bool()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+                total_nll += float(nll.view_as(valid)[valid].sum())
+                total_tokens += int(valid.sum())
+                masks.append(mask.reshape(-1).bool().cpu())
+        if routes is not None:
+            keep = torch.cat(masks)
+            routes.update({name: torch.cat(parts)[keep] for name, parts in recorded.items()})
     finally:
         model.train(was_training)
     mean_nll = total_nll / total_tokens
@@ -103,17 +137,17 @@ def perplexity(
     }
 
 
-def _record_routing(model: nn.Module, sink: dict[str, list[torch.Tensor]], stack: ExitStack) -> list[str]:
-    names = []
-    for name, experts in find_experts_modules(model):
-        names.append(name)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
-            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            sink.setdefault(name, []).append(index.detach().reshape(-1, index.shape[-1]).cpu())
-
-        stack.callback(experts.register_forward_pre_hook(hook, with_kwargs=True).remove)
-    return names
+def topk_agreement(routes: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Fraction of tokens whose top-k expert set is equal in two recordings, per experts module and mean."""
+    per_layer = {}
+    for name, original in reference.items():
+        if name in routes:
+            a, b = routes[name].sort(dim=-1).values, original.sort(dim=-1).values
+            if a.shape != b.shape:
+                raise ValueError(f"{name}: the two recordings cover different tokens ({a.shape} vs {b.shape})")
+            per_layer[name] = float((a == b).all(dim=-1).float().mean())
+    mean = sum(per_layer.values()) / len(per_layer) if per_layer else float("nan")
+    return {"per_layer": per_layer, "mean": mean}
 
 
 @torch.no_grad()
@@ -121,27 +155,10 @@ def routing_agreement(
     model: nn.Module, reference: nn.Module, windows: Sequence[torch.Tensor], batch_size: int = 4
 ) -> dict[str, Any]:
     """Fraction of tokens whose top-k expert set is the same in `model` and `reference`, per MoE layer and mean."""
-    routes: list[dict[str, list[torch.Tensor]]] = []
+    recordings = []
     for current in (model, reference):
-        sink: dict[str, list[torch.Tensor]] = {}
-        device = next(current.parameters()).device
-        with ExitStack() as stack:
-            names = _record_routing(current, sink, stack)
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size]
-                width = max(len(w) for w in batch)
-                if any(len(w) != width for w in batch):  # keep shapes equal: run ragged windows one by one
-                    for window in batch:
-                        current(input_ids=window[None].to(device), use_cache=False)
-                    continue
-                current(input_ids=torch.stack(batch).to(device), use_cache=False)
-        routes.append({name: torch.cat(sink[name]) for name in names if name in sink})
-    compressed, original = routes
-    per_layer = {}
-    for name in original:
-        if name not in compressed:
-            continue
-        a, b = compressed[name].sort(dim=-1).values, original[name].sort(dim=-1).values
-        per_layer[name] = float((a == b).all(dim=-1).float().mean())
-    mean = sum(per_layer.values()) / len(per_layer) if per_layer else float("nan")
-    return {"per_layer": per_layer, "mean": mean}
+        with recording_routes(current) as recorded:
+            masks = [mask.reshape(-1).bool().cpu() for _, _, mask in _run_batches(current, windows, batch_size, False)]
+        keep = torch.cat(masks)
+        recordings.append({name: torch.cat(parts)[keep] for name, parts in recorded.items()})
+    return topk_agreement(*recordings)

@@ -266,3 +266,26 @@ def test_progress_bar_names_layer_and_phase(calibration_file, capsys):
     RFIDCompressor(RFIDMoEConfig(keep=0.6)).compress(tiny_model("mixtral"), {"input_ids": windows.input_ids})
     err = capsys.readouterr().err
     assert "layer 2/2: calibrating" in err and "factorising" in err
+
+
+def test_one_statistics_pass_serves_several_compressions(calibration_file):
+    windows = _windows(calibration_file)
+    calibration = {"input_ids": windows.input_ids}
+    collector = RFIDCompressor(RFIDMoEConfig(whitening="activation", propagate="original"))
+    statistics = collector.collect_statistics(tiny_model("mixtral"), calibration, show_progress=False)
+    for keep in (0.4, 0.7):
+        config = RFIDMoEConfig(keep=keep, whitening="activation", propagate="original")
+        reused = RFIDCompressor(config).compress(tiny_model("mixtral"), statistics=statistics, show_progress=False)
+        direct = RFIDCompressor(config).compress(tiny_model("mixtral"), calibration, show_progress=False)
+        assert reused.state_dict().keys() == direct.state_dict().keys()
+        assert all(torch.equal(reused.state_dict()[k], direct.state_dict()[k]) for k in reused.state_dict())
+        assert reused.rfid_report["calibration"]["reused_statistics"] is True
+    with pytest.raises(ValueError, match="use propagate='original'"):
+        RFIDCompressor(RFIDMoEConfig()).compress(tiny_model("mixtral"), statistics=statistics)
+    weight_only = RFIDCompressor(RFIDMoEConfig(propagate="original")).collect_statistics(
+        tiny_model("mixtral"), calibration, show_progress=False
+    )
+    with pytest.raises(ValueError, match="hold no input Grams"):
+        RFIDCompressor(RFIDMoEConfig(residual="fit", propagate="original")).compress(
+            tiny_model("mixtral"), statistics=weight_only
+        )

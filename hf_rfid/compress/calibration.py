@@ -332,3 +332,46 @@ def run_layer(
             if outputs is not None:
                 outputs.append(result)
     return outputs
+
+
+def describe_calibration(batch: CalibrationBatch, source: Any, seed: int) -> dict[str, Any]:
+    """What the report records about the calibration data."""
+    name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    return {
+        "source": name,
+        "num_samples": int(batch.input_ids.shape[0]),
+        "seq_len": int(batch.input_ids.shape[1]),
+        "tokens": batch.num_tokens,
+        "seed": seed,
+    }
+
+
+@dataclass
+class CalibrationStatistics:
+    """Statistics of one calibration pass over the original model, reusable by several compressions."""
+
+    modules: dict[str, ExpertStatistics]
+    info: dict[str, Any]
+    hidden_grams: bool
+    intermediate_grams: bool
+
+    def describe(self) -> dict[str, Any]:
+        """The report's calibration entry."""
+        return dict(self.info, reused_statistics=True)
+
+    def check(self, config: Any, names: Sequence[str]) -> None:
+        """Raise `ValueError` if these statistics cannot serve `config` for the experts modules `names`."""
+        if config.propagate != "original":
+            raise ValueError(
+                "precomputed statistics come from the original model: use propagate='original' with statistics="
+            )
+        missing = [name for name in names if name not in self.modules]
+        if missing:
+            raise ValueError(f"the statistics do not cover {missing[0]}")
+        needs_hidden = config.needs_activations and any(t != "down" for t in config.targets)
+        needs_intermediate = config.needs_activations and "down" in config.targets
+        if (needs_hidden and not self.hidden_grams) or (needs_intermediate and not self.intermediate_grams):
+            raise ValueError(
+                "these statistics hold no input Grams for the requested whitening/fit residual; collect them with a "
+                "compressor whose config needs them"
+            )

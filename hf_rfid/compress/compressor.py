@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -24,8 +25,10 @@ from ..report import parameter_ratios
 from . import allocation
 from .calibration import (
     CalibrationSource,
+    CalibrationStatistics,
     ExpertStatistics,
     capture_layer_inputs,
+    describe_calibration,
     intermediate_activations,
     new_statistics,
     prepare_calibration,
@@ -254,11 +257,14 @@ class RFIDCompressor(OptimumQuantizer):
         seed: int | None = None,
         batch_size: int = 8,
         show_progress: bool = True,
+        statistics: CalibrationStatistics | None = None,
     ) -> nn.Module:
         """Replace every routed experts module of `model` (in place) and return the model.
 
         `calibration` is a text file or folder, a JSONL file, a list of strings, token ids, or a dataset name
         (`wikitext2`, `c4`, `ptb`); `None` compresses data-free (every expert equally frequent, no whitening).
+        `statistics` (from `collect_statistics`, with `propagate="original"`) replaces the calibration pass, so one
+        pass can serve several compressions of the same model.
         """
         config = self.config
         check_supported(model)
@@ -266,17 +272,13 @@ class RFIDCompressor(OptimumQuantizer):
         started = time.perf_counter()
         self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
         self._warnings: list[str] = []
-        targets = [
-            (name, module)
-            for name, module in find_experts_modules(model)
-            if not getattr(module, "is_factorized", False) and config.is_convertible(name)
-        ]
-        if not targets:
-            raise ValueError("no experts module left to compress (all factorised already or excluded)")
+        targets = self._targets(model)
         before = self._parameter_counts(model)
         tokenizer = tokenizer or self.tokenizer
         batch = None
-        if calibration is None:
+        if statistics is not None:
+            statistics.check(config, [name for name, _ in targets])
+        elif calibration is None:
             if config.needs_activations:
                 raise ValueError(
                     f"whitening={config.whitening!r} / residual={config.residual!r} need calibration data; pass "
@@ -291,19 +293,67 @@ class RFIDCompressor(OptimumQuantizer):
         was_training = model.training
         model.eval()
         try:
-            if batch is None:
-                layer_reports = self._compress_data_free(model, targets, show_progress)
+            if statistics is not None:
+                layer_reports = self._compress_with(model, targets, statistics.modules)
+            elif batch is None:
+                layer_reports = self._compress_with(model, targets, {}, show_progress)
             else:
                 layer_reports = self._compress_calibrated(model, targets, batch, batch_size, show_progress)
         finally:
             model.train(was_training)
         self._attach(model, [name for name, _ in targets])
         self._timings["total_s"] = time.perf_counter() - started
-        self.report = self._build_report(model, layer_reports, before, batch, calibration, seed)
+        calibration_info = statistics.describe() if statistics is not None else None
+        if batch is not None:
+            calibration_info = describe_calibration(batch, calibration, seed)
+        self.report = self._build_report(model, layer_reports, before, calibration_info)
         model.rfid_report = self.report
         if tokenizer is not None:
             model.rfid_tokenizer = tokenizer
         return model
+
+    def collect_statistics(
+        self,
+        model: nn.Module,
+        calibration: CalibrationSource,
+        *,
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 512,
+        seed: int | None = None,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> CalibrationStatistics:
+        """One calibration pass over the original model: routing counts and, if this config needs them, input Grams.
+
+        The result can be passed as `statistics=` to `compress` of compressors whose configs use
+        `propagate="original"` (the statistics of later layers come from the uncompressed model).
+        """
+        seed = self.config.seed if seed is None else seed
+        batch = prepare_calibration(calibration, tokenizer or self.tokenizer, num_samples, seq_len, seed)
+        self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
+        was_training = model.training
+        model.eval()
+        try:
+            modules = self._calibration_pass(model, self._targets(model), batch, batch_size, show_progress, None)
+        finally:
+            model.train(was_training)
+        return CalibrationStatistics(
+            modules=modules,
+            info=describe_calibration(batch, calibration, seed),
+            hidden_grams=self._collects_hidden(),
+            intermediate_grams=self._collects_intermediate(),
+        )
+
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        targets = [
+            (name, module)
+            for name, module in find_experts_modules(model)
+            if not getattr(module, "is_factorized", False) and self.config.is_convertible(name)
+        ]
+        if not targets:
+            raise ValueError("no experts module left to compress (all factorised already or excluded)")
+        return targets
 
     def _warn(self, message: str) -> None:
         self._warnings.append(message)
@@ -523,16 +573,21 @@ class RFIDCompressor(OptimumQuantizer):
                 plan.factorizations = None  # free the SVD factors
         return reports
 
-    def _compress_data_free(
-        self, model: nn.Module, targets: list[tuple[str, nn.Module]], show_progress: bool
+    def _compress_with(
+        self,
+        model: nn.Module,
+        targets: list[tuple[str, nn.Module]],
+        statistics: dict[str, ExpertStatistics],
+        show_progress: bool = False,
     ) -> list[dict[str, Any]]:
+        """Compress every target from known statistics (none: data-free), per layer or pooled (global scope)."""
+        entries = [(name, module, statistics.get(name)) for name, module in targets]
         if self.config.budget_scope == "global":
-            return self._compress_modules(model, [(name, module, None) for name, module in targets])
+            return self._compress_modules(model, entries)
         reports = []
-        _, layers = decoder_layers(model)
-        with tqdm(total=len(layers), disable=not show_progress, desc="factorising") as bar:
-            for name, module in targets:
-                reports.extend(self._compress_modules(model, [(name, module, None)], bar))
+        with tqdm(total=len(entries), disable=not show_progress, desc="factorising") as bar:
+            for entry in entries:
+                reports.extend(self._compress_modules(model, [entry], bar))
                 bar.update(1)
         return reports
 
@@ -545,6 +600,39 @@ class RFIDCompressor(OptimumQuantizer):
         show_progress: bool,
     ) -> list[dict[str, Any]]:
         config = self.config
+        if config.budget_scope == "global" or config.propagate == "original":
+            if config.budget_scope == "global" and config.propagate == "compressed":
+                logger.info("budget_scope='global' collects every layer's statistics on the original model")
+            statistics = self._calibration_pass(model, targets, batch, batch_size, show_progress, None)
+            return self._compress_with(model, targets, statistics)
+        reports: list[dict[str, Any]] = []
+
+        def compress_layer(entries: list[tuple[str, nn.Module, ExpertStatistics]], bar: Any) -> None:
+            reports.extend(self._compress_modules(model, entries, bar))
+
+        self._calibration_pass(model, targets, batch, batch_size, show_progress, compress_layer)
+        return reports
+
+    def _collects_hidden(self) -> bool:
+        return self.config.needs_activations and any(t != "down" for t in self.config.targets)
+
+    def _collects_intermediate(self) -> bool:
+        return self.config.needs_activations and "down" in self.config.targets
+
+    def _calibration_pass(
+        self,
+        model: nn.Module,
+        targets: list[tuple[str, nn.Module]],
+        batch: Any,
+        batch_size: int,
+        show_progress: bool,
+        compress_layer: Any,
+    ) -> dict[str, ExpertStatistics]:
+        """Run the layers one by one over the calibration windows, collecting statistics at every experts module.
+
+        With `compress_layer`, each layer is compressed as soon as its statistics are complete and the compressed
+        layer's outputs feed the next layer; otherwise the original outputs do.
+        """
         list_name, layers = decoder_layers(model)
         by_layer: dict[int, list[tuple[str, nn.Module]]] = {}
         for name, module in targets:
@@ -552,42 +640,43 @@ class RFIDCompressor(OptimumQuantizer):
         tick = time.perf_counter()
         inputs = capture_layer_inputs(model, layers, batch, batch_size)
         self._timings["calibration_s"] += time.perf_counter() - tick
-        propagate_original = config.propagate == "original" or config.budget_scope == "global"
-        if config.budget_scope == "global" and config.propagate == "compressed":
-            logger.info("budget_scope='global' collects every layer's statistics on the original model")
-        current_batch = {"index": 0}
-        reports: list[dict[str, Any]] = []
-        pending: list[tuple[str, nn.Module, ExpertStatistics]] = []
+        current = {"batch": 0}
+        collected: dict[str, ExpertStatistics] = {}
         with tqdm(total=len(layers), disable=not show_progress, desc="calibrating") as bar:
             for layer_index, layer in enumerate(layers):
                 entries = by_layer.get(layer_index, [])
                 bar.set_description(f"layer {layer_index + 1}/{len(layers)}: calibrating")
                 tick = time.perf_counter()
-                layer_stats = []
-                with _hooks(entries, layer_stats, inputs, current_batch, config):
+                with contextlib.ExitStack() as stack:
+                    for name, module in entries:
+                        collected[name] = new_statistics(
+                            ExpertsLayout.of(module).num_experts, self.config.needs_activations
+                        )
+                        stack.enter_context(
+                            record_experts(
+                                module,
+                                collected[name],
+                                lambda: inputs.masks[current["batch"]],
+                                self._collects_hidden(),
+                                intermediate_activations(module) if self._collects_intermediate() else None,
+                            )
+                        )
                     outputs = run_layer(
                         layer,
                         inputs,
                         layer_index,
-                        keep_outputs=propagate_original or not entries,
-                        on_batch=lambda b: current_batch.update(index=b),
+                        keep_outputs=compress_layer is None or not entries,
+                        on_batch=lambda index: current.update(batch=index),
                     )
                 self._timings["calibration_s"] += time.perf_counter() - tick
-                if entries and config.budget_scope == "global":
-                    pending.extend((name, module, stats) for (name, module), stats in zip(entries, layer_stats))
-                elif entries:
-                    reports.extend(
-                        self._compress_modules(model, [(n, m, s) for (n, m), s in zip(entries, layer_stats)], bar)
-                    )
-                    if not propagate_original:
-                        tick = time.perf_counter()
-                        outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda b: None)
-                        self._timings["calibration_s"] += time.perf_counter() - tick
+                if compress_layer is not None and entries:
+                    compress_layer([(name, module, collected[name]) for name, module in entries], bar)
+                    tick = time.perf_counter()
+                    outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda index: None)
+                    self._timings["calibration_s"] += time.perf_counter() - tick
                 inputs.hidden = outputs
                 bar.update(1)
-        if pending:
-            reports = self._compress_modules(model, pending)
-        return reports
+        return collected
 
     # ------------------------------------------------------------------ report
 
@@ -596,62 +685,20 @@ class RFIDCompressor(OptimumQuantizer):
         model: nn.Module,
         layers: list[dict[str, Any]],
         before: dict[str, int],
-        batch: Any,
-        calibration: Any,
-        seed: int,
+        calibration: dict[str, Any] | None,
     ) -> dict[str, Any]:
         from .. import __version__
 
         original_compressed = sum(m["original_parameters"] for layer in layers for m in layer["matrices"].values())
         stored_compressed = sum(m["stored_parameters"] for layer in layers for m in layer["matrices"].values())
-        source = None
-        if calibration is not None:
-            source = str(calibration) if isinstance(calibration, (str, Path)) else type(calibration).__name__
         return {
             "hf_rfid_version": __version__,
             "model_type": check_supported(model),
             "base_model": getattr(model.config, "_name_or_path", None) or self.source,
             "config": {k: v for k, v in self.config.to_dict().items() if k != "compressed_modules"},
-            "calibration": None
-            if batch is None
-            else {
-                "source": source,
-                "num_samples": int(batch.input_ids.shape[0]),
-                "seq_len": int(batch.input_ids.shape[1]),
-                "tokens": batch.num_tokens,
-                "seed": seed,
-            },
+            "calibration": calibration,
             "layers": layers,
             "totals": parameter_ratios(original_compressed, stored_compressed, before["moe"], before["model"]),
             "timings": dict(self._timings),
             "warnings": list(self._warnings),
         }
-
-
-class _hooks:
-    """Context manager installing the statistics hooks of all experts modules of one layer."""
-
-    def __init__(self, entries, layer_stats, inputs, current_batch, config) -> None:
-        self.entries, self.layer_stats, self.inputs = entries, layer_stats, inputs
-        self.current_batch, self.config = current_batch, config
-        self.stack: list = []
-
-    def __enter__(self) -> None:
-        config = self.config
-        for _, module in self.entries:
-            info = ExpertsLayout.of(module)
-            stats = new_statistics(info.num_experts, with_grams=config.needs_activations)
-            self.layer_stats.append(stats)
-            collect_hidden = config.needs_activations and any(t != "down" for t in config.targets)
-            intermediate = (
-                intermediate_activations(module) if config.needs_activations and "down" in config.targets else None
-            )
-            context = record_experts(
-                module, stats, lambda: self.inputs.masks[self.current_batch["index"]], collect_hidden, intermediate
-            )
-            context.__enter__()
-            self.stack.append(context)
-
-    def __exit__(self, *exc: Any) -> None:
-        for context in reversed(self.stack):
-            context.__exit__(*exc)
