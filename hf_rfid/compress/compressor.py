@@ -69,7 +69,6 @@ class _MatrixPlan:
     group_frequencies: list[float]
     code_dim: int
     budget: float  # parameters for bases + coefficients
-    spectra: list[torch.Tensor] = field(default_factory=list)
     effective_ranks: list[float] = field(default_factory=list)
     factorizations: list[GroupFactorization] | None = None
     weight_only_groups: list[int] = field(default_factory=list)
@@ -151,7 +150,7 @@ def factorize_experts(
                 residuals = {}
                 if target.residual is not None:
                     if residual == "hash":
-                        target.residual.seeds[group_index] = derive_seed(seed, group_index)
+                        target.residual.seeds[group_index] = derive_seed(seed, _TYPE_INDEX[matrix_type], group_index)
                     residuals = {
                         expert: group_weights[position] - coefficients[position] @ basis
                         for position, expert in enumerate(members)
@@ -427,7 +426,6 @@ class RFIDCompressor(OptimumQuantizer):
                 factorization = factorize_group(plan.weights[members].to(torch.float64), gram, config.whitening_floor)
                 self._timings["svd_s"] += time.perf_counter() - tick
                 factorizations.append(factorization)
-                plan.spectra.append(factorization.singular_values)
                 plan.effective_ranks.append(
                     allocation.effective_rank(factorization.singular_values, config.erank_power)
                 )
