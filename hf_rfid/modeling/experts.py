@@ -281,12 +281,18 @@ class FactorizedExperts(nn.Module):
             if not hit:
                 continue
             slots = {e: order[starts[e] : starts[e + 1]] for e in hit}
-            group_tokens = torch.unique(torch.cat([slots[e] // top_k for e in hit]))
+            # slots are sorted by token within an expert (stable sort), so one expert needs no union / lookup
+            group_tokens = (
+                slots[hit[0]] // top_k if len(hit) == 1 else torch.unique(torch.cat([slots[e] // top_k for e in hit]))
+            )
             shared = self._in_projections(hidden_states[group_tokens], group)
             for expert in hit:
                 token_idx, top_k_pos = slots[expert] // top_k, slots[expert] % top_k
-                rows = torch.searchsorted(group_tokens, token_idx)
-                expert_shared = {t: value[rows] for t, value in shared.items()}
+                if len(hit) > 1:
+                    rows = torch.searchsorted(group_tokens, token_idx)
+                    expert_shared = {t: value[rows] for t, value in shared.items()}
+                else:
+                    expert_shared = shared
                 output = self.expert_hidden(hidden_states[token_idx], expert, group, expert_shared)
                 output = output * top_k_weights[token_idx, top_k_pos, None]
                 final_hidden_states.index_add_(0, token_idx, output.to(final_hidden_states.dtype))
