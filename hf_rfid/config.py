@@ -73,6 +73,8 @@ class RFIDMoEConfig(QuantizationConfigMixin):
         whitening: `"activation"` factorises W S with S from the input Gram of the tokens routed to the group
             (SVD-LLM style); `"none"` is the data-free weight SVD.
         whitening_floor: Relative eigenvalue floor of the input Gram used for whitening, in (0, 1).
+        refit_coefficients: After the group SVD, refit every expert's coefficients for the shared basis by least
+            squares on its own routed calibration inputs (an hf-rfid addition; needs calibration data).
         residual: How part of the SVD residual is reconstructed: `"hash"` (seeded one-hot projection, the paper's
             reading), `"blocks"` (contiguous column blocks per row), `"fit"` (block codes fitted to calibration
             activations) or `"none"`.
@@ -99,6 +101,7 @@ class RFIDMoEConfig(QuantizationConfigMixin):
         targets: list[str] | tuple[str, ...] | str = ("gate", "up"),
         whitening: str = "none",
         whitening_floor: float = 1e-6,
+        refit_coefficients: bool = False,
         residual: str = "hash",
         residual_fraction: float = 0.03,
         min_expert_tokens: int = 16,
@@ -125,6 +128,7 @@ class RFIDMoEConfig(QuantizationConfigMixin):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.whitening = whitening
         self.whitening_floor = whitening_floor
+        self.refit_coefficients = refit_coefficients
         self.residual = residual
         self.residual_fraction = residual_fraction
         self.min_expert_tokens = min_expert_tokens
@@ -171,6 +175,7 @@ class RFIDMoEConfig(QuantizationConfigMixin):
         floor = _number("whitening_floor", self.whitening_floor)
         if not 0.0 < floor < 1.0:
             raise ValueError(f"RFIDMoEConfig.whitening_floor must be in (0, 1); got {self.whitening_floor!r}")
+        _boolean("refit_coefficients", self.refit_coefficients)
         _choice("residual", self.residual, RESIDUALS)
         fraction = _number("residual_fraction", self.residual_fraction)
         if fraction < 0.0:
@@ -202,7 +207,7 @@ class RFIDMoEConfig(QuantizationConfigMixin):
     @property
     def needs_activations(self) -> bool:
         """Whether the options need calibration activations (not only routing counts)."""
-        return self.whitening == "activation" or self.residual == "fit"
+        return self.whitening == "activation" or self.residual == "fit" or self.refit_coefficients
 
     def is_convertible(self, module_name: str) -> bool:
         """Whether the experts module `module_name` may be compressed (not listed in `modules_to_not_convert`)."""

@@ -289,3 +289,32 @@ def test_one_statistics_pass_serves_several_compressions(calibration_file):
         RFIDCompressor(RFIDMoEConfig(residual="fit", propagate="original")).compress(
             tiny_model("mixtral"), statistics=weight_only
         )
+
+
+def test_coefficient_refit_lowers_each_experts_activation_error(calibration_file):
+    windows = _windows(calibration_file, num_samples=16)
+    calibration = {"input_ids": windows.input_ids}
+    config = {"keep": 0.5, "whitening": "activation", "residual": "none", "propagate": "original"}
+    statistics = RFIDCompressor(RFIDMoEConfig(**config)).collect_statistics(
+        tiny_model("qwen3_moe"), calibration, show_progress=False
+    )
+    models = {}
+    for refit in (False, True):
+        models[refit] = RFIDCompressor(RFIDMoEConfig(**config, refit_coefficients=refit)).compress(
+            tiny_model("qwen3_moe"), statistics=statistics, show_progress=False
+        )
+    original = tiny_model("qwen3_moe")
+    from hf_rfid.compress.factorize import relative_error
+    from hf_rfid.modeling import ExpertsLayout
+
+    for name, experts in find_experts_modules(original):
+        weights = ExpertsLayout.of(experts).read_matrices(experts)["gate"]
+        stats = statistics.modules[name]
+        plain = models[False].get_submodule(name).materialize()["gate"]
+        refitted = models[True].get_submodule(name).materialize()["gate"]
+        for expert, gram in stats.hidden_grams.items():
+            before = relative_error(weights[expert], plain[expert], gram)
+            after = relative_error(weights[expert], refitted[expert], gram)
+            assert after <= before + 1e-9
+    with pytest.raises(ValueError, match="refit_coefficients=True need calibration data"):
+        RFIDCompressor(RFIDMoEConfig(refit_coefficients=True)).compress(tiny_model("mixtral"))

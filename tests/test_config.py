@@ -64,6 +64,7 @@ def test_unknown_fields_from_newer_versions_are_tolerated_and_kept(caplog):
         ("score_normalization", "l2", "score_normalization must be one of sum, max, minmax"),
         ("whitening_floor", 0.0, r"whitening_floor must be in \(0, 1\)"),
         ("exact_budget", "yes", "exact_budget must be true or false"),
+        ("refit_coefficients", 1, "refit_coefficients must be true or false"),
         ("min_expert_tokens", -1, "min_expert_tokens must be an integer >= 0"),
         ("propagate", "both", "propagate must be one of compressed, original"),
         ("seed", -5, "seed must be an integer >= 0"),

@@ -39,6 +39,7 @@ from .factorize import (
     GroupFactorization,
     encode_residual,
     factorize_group,
+    refit_coefficients,
     relative_error,
     select_residual_columns,
 )
@@ -105,11 +106,13 @@ def factorize_experts(
     expert_grams: dict[str, dict[int, torch.Tensor]] | None = None,
     whitening_floor: float = 1e-6,
     factorizations: dict[str, list[GroupFactorization]] | None = None,
+    refit: bool = False,
 ) -> tuple[FactorizedExperts, dict[str, list[float]]]:
     """Factorise a transformers fused experts module with explicit groups and ranks.
 
     `ranks[t][g]` is the rank of group g for matrix type t (types not in `ranks` stay dense). `grams[t][g]` whitens
-    group g; `expert_grams[t][e]` fits expert e's residual codes (`residual="fit"`). Returns the new module and the
+    group g; `expert_grams[t][e]` fits expert e's residual codes (`residual="fit"`) and, with `refit`, its
+    coefficients for the shared basis (least squares on its own inputs). Returns the new module and the
     relative weight error of every expert per compressed type. At full rank, without residual, the factorised
     module reproduces the original up to float round-off.
     """
@@ -146,6 +149,12 @@ def factorize_experts(
                     gram = (grams or {}).get(matrix_type, [None] * len(groups))[group_index]
                     factorization = factorize_group(group_weights, gram, whitening_floor)
                 basis, coefficients = factorization.truncate(ranks[matrix_type][group_index])
+                if refit:
+                    coefficients = coefficients.clone()
+                    for position, expert in enumerate(members):
+                        expert_gram = (expert_grams or {}).get(matrix_type, {}).get(expert)
+                        if expert_gram is not None:
+                            coefficients[position] = refit_coefficients(group_weights[position], basis, expert_gram)
                 target.bases[group_index].weight.copy_(basis)
                 residuals = {}
                 if target.residual is not None:
@@ -280,8 +289,9 @@ class RFIDCompressor(OptimumQuantizer):
         elif calibration is None:
             if config.needs_activations:
                 raise ValueError(
-                    f"whitening={config.whitening!r} / residual={config.residual!r} need calibration data; pass "
-                    "calibration= (a text file, folder, list of strings or dataset name)"
+                    f"whitening={config.whitening!r} / residual={config.residual!r} / refit_coefficients="
+                    f"{config.refit_coefficients} need calibration data; pass calibration= (a text file, folder, "
+                    "list of strings or dataset name)"
                 )
             self._warn(
                 "no calibration data: compressing data-free (every expert counted as equally frequent, no "
@@ -473,7 +483,7 @@ class RFIDCompressor(OptimumQuantizer):
     ) -> tuple[FactorizedExperts, dict[str, list[float]]]:
         config = self.config
         expert_grams, group_grams = None, None
-        if config.residual == "fit" and statistics is not None:
+        if (config.residual == "fit" or config.refit_coefficients) and statistics is not None:
             expert_grams, group_grams = {}, {}
             for plan in plans:
                 space = "intermediate" if plan.matrix_type == "down" else "hidden"
@@ -492,6 +502,7 @@ class RFIDCompressor(OptimumQuantizer):
             seed=derive_seed(config.seed, layer_index),
             grams=group_grams,
             expert_grams=expert_grams,
+            refit=config.refit_coefficients,
             factorizations={plan.matrix_type: plan.factorizations for plan in plans},
         )
         self._timings["residual_s"] += time.perf_counter() - tick

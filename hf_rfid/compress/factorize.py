@@ -128,3 +128,19 @@ def select_residual_columns(residuals: list[torch.Tensor], gram: torch.Tensor | 
         energy = energy * gram.to(torch.float64).diagonal().clamp_min(0)
     order = sorted(range(energy.numel()), key=lambda c: (-float(energy[c]), c))
     return torch.tensor(order[:count], dtype=torch.int64)
+
+
+def refit_coefficients(
+    weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6
+) -> torch.Tensor:
+    """Coefficients A (p x K) minimising sum_t |(W - A B) x_t|^2 for a fixed basis B over one expert's inputs.
+
+    A = W G B^T (B G B^T + ridge)^-1 with G the expert's input Gram. The group SVD chose B for the pooled inputs of the
+    group; this adapts every expert's coefficients to its own routed tokens.
+    """
+    weight, basis, gram = weight.to(torch.float64), basis.to(torch.float64), gram.to(torch.float64)
+    projected = basis @ gram  # (K, d)
+    lhs = projected @ basis.T
+    scale = float(lhs.diagonal().mean()) if lhs.numel() else 1.0
+    lhs = lhs + ridge * max(scale, 1e-30) * torch.eye(lhs.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(lhs, (weight @ projected.T).T).T
