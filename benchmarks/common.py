@@ -31,6 +31,7 @@ METHODS: dict[str, dict] = {
     "rfid-fit": {"residual": "fit"},
     "rfid-whitened": {"whitening": "activation", "residual": "none"},
     "rfid-whitened-fit": {"whitening": "activation", "residual": "fit"},
+    "rfid-whitened-refit": {"whitening": "activation", "residual": "none", "refit_coefficients": True},
 }
 METHOD_NOTES = {
     "rfid": "RFID-MoE as specified: groups of 4, xi=0.8, hash residual (3 %)",
@@ -44,6 +45,7 @@ METHOD_NOTES = {
     "rfid-fit": "RFID + data-fitted selected-column residual (3 %)",
     "rfid-whitened": "RFID allocation on activation-whitened group SVD",
     "rfid-whitened-fit": "whitened RFID + fitted residual",
+    "rfid-whitened-refit": "whitened RFID, every expert's coefficients refitted on its own inputs",
 }
 
 
