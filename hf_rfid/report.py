@@ -47,6 +47,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         del config.quantization_config
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # meta initialisation leaves tied embeddings untied; count them once
     tensors = _checkpoint_tensors(skeleton, checkpoint_files(path))
     layers, original, stored, moe_before = [], 0, 0, 0
     for name, module in find_experts_modules(skeleton):

@@ -25,7 +25,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
-    return save_tiny("mixtral", tmp_path_factory.mktemp("dense") / "tiny-mixtral")
+    return save_tiny("mixtral", tmp_path_factory.mktemp("dense") / "tiny-mixtral", tied=True)
 
 
 @pytest.fixture(scope="module")

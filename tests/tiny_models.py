@@ -130,10 +130,13 @@ ARCHITECTURES = [
 ]
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+def tiny_model(
+    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = False
+) -> transformers.PreTrainedModel:
     """A randomly initialised tiny causal LM of `model_type` (eval mode, experts with visible structure)."""
     torch.manual_seed(seed)
     config = _config(model_type)
+    config.tie_word_embeddings = tied
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # HF inits experts with std 0.02 on some types, 0 biases; make every expert distinct
         for name, parameter in model.named_parameters():
@@ -171,8 +174,10 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def save_tiny(model_type: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def save_tiny(
+    model_type: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32, tied: bool = False
+) -> Path:
     """Save a tiny dense model of `model_type` with the tiny tokenizer; return the directory."""
-    tiny_model(model_type, seed=seed, dtype=dtype).save_pretrained(directory)
+    tiny_model(model_type, seed=seed, dtype=dtype, tied=tied).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
