@@ -12,6 +12,7 @@ Checkpoint names (under `<block>.experts.`) are neutral, so transformers' fused-
     <type>.coefficients.<e>.weight    (out, K_g(e))
     <type>.residual.codes             (E, D)
     <type>.residual.seeds             (G,)      int64, hash residual only
+    <type>.residual.columns           (G, n)    int64, fit residual only (selected input columns)
     <type>.dense                      (E, out, in)  matrix types left dense
     bias_gate_up (E, 2I), bias_down (E, H)          experts with biases (GPT-OSS)
 """
@@ -95,24 +96,21 @@ class ResidualCodes(nn.Module):
             self.register_buffer("columns", torch.zeros(num_groups, selected, dtype=torch.int64))
         self._projections: dict[int, tuple[tuple, ResidualProjection]] = {}
 
-    def _definition(self, group: int) -> tuple:
-        if self.kind == "hash":
-            return (int(self.seeds[group]),)
-        if self.kind == "fit":
-            return tuple(self.columns[group].tolist())
-        return ()
+    def _definition_buffer(self) -> torch.Tensor | None:
+        return getattr(self, "seeds", None) if self.kind == "hash" else getattr(self, "columns", None)
 
     def projection(self, group: int) -> ResidualProjection:
-        """The projection shared by `group` (cached until its seed / columns change)."""
-        definition = self._definition(group)
+        """The projection shared by `group` (rebuilt only when its seed / columns buffer changes)."""
+        buffer = self._definition_buffer()
+        version = (buffer.data_ptr(), buffer._version) if buffer is not None else None
         cached = self._projections.get(group)
-        if cached is None or cached[0] != definition:
-            seed = definition[0] if self.kind == "hash" else 0
-            columns = torch.tensor(definition, dtype=torch.int64) if self.kind == "fit" else None
+        if cached is None or cached[0] != version:
+            seed = int(buffer[group]) if self.kind == "hash" else 0
+            columns = buffer[group].clone() if self.kind == "fit" else None
             projection = make_projection(
                 self.kind, self.out_features, self.in_features, self.codes.shape[1], seed, columns
             )
-            cached = (definition, projection)
+            cached = (version, projection)
             self._projections[group] = cached
         return cached[1]
 
