@@ -344,7 +344,7 @@ class RFIDCompressor(OptimumQuantizer):
         was_training = model.training
         model.eval()
         try:
-            modules = self._calibration_pass(model, self._targets(model), batch, batch_size, show_progress, None)
+            modules = self._calibration_pass(model, self._targets(model), batch, batch_size, show_progress)
         finally:
             model.train(was_training)
         return CalibrationStatistics(
@@ -609,17 +609,19 @@ class RFIDCompressor(OptimumQuantizer):
         show_progress: bool,
     ) -> list[dict[str, Any]]:
         config = self.config
-        if config.budget_scope == "global" or config.propagate == "original":
-            if config.budget_scope == "global" and config.propagate == "compressed":
+        if config.budget_scope == "global":
+            if config.propagate == "compressed":
                 logger.info("budget_scope='global' collects every layer's statistics on the original model")
-            statistics = self._calibration_pass(model, targets, batch, batch_size, show_progress, None)
+            statistics = self._calibration_pass(model, targets, batch, batch_size, show_progress)
             return self._compress_with(model, targets, statistics)
         reports: list[dict[str, Any]] = []
 
         def compress_layer(entries: list[tuple[str, nn.Module, ExpertStatistics]], bar: Any) -> None:
             reports.extend(self._compress_modules(model, entries, bar))
 
-        self._calibration_pass(model, targets, batch, batch_size, show_progress, compress_layer)
+        self._calibration_pass(
+            model, targets, batch, batch_size, show_progress, compress_layer, config.propagate == "compressed"
+        )
         return reports
 
     def _collects_hidden(self) -> bool:
@@ -635,12 +637,15 @@ class RFIDCompressor(OptimumQuantizer):
         batch: Any,
         batch_size: int,
         show_progress: bool,
-        compress_layer: Any,
+        compress_layer: Any = None,
+        propagate_compressed: bool = False,
     ) -> dict[str, ExpertStatistics]:
         """Run the layers one by one over the calibration windows, collecting statistics at every experts module.
 
-        With `compress_layer`, each layer is compressed as soon as its statistics are complete and the compressed
-        layer's outputs feed the next layer; otherwise the original outputs do.
+        With `compress_layer`, each layer is compressed as soon as its statistics are complete and its statistics
+        are dropped (memory stays at one layer's Grams); with `propagate_compressed`, the compressed layer's outputs
+        feed the next layer, otherwise the original outputs do. Without `compress_layer`, every layer's statistics
+        are returned.
         """
         list_name, layers = decoder_layers(model)
         by_layer: dict[int, list[tuple[str, nn.Module]]] = {}
@@ -674,15 +679,16 @@ class RFIDCompressor(OptimumQuantizer):
                         layer,
                         inputs,
                         layer_index,
-                        keep_outputs=compress_layer is None or not entries,
+                        keep_outputs=not (propagate_compressed and entries),
                         on_batch=lambda index: current.update(batch=index),
                     )
                 self._timings["calibration_s"] += time.perf_counter() - tick
                 if compress_layer is not None and entries:
-                    compress_layer([(name, module, collected[name]) for name, module in entries], bar)
-                    tick = time.perf_counter()
-                    outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda index: None)
-                    self._timings["calibration_s"] += time.perf_counter() - tick
+                    compress_layer([(name, module, collected.pop(name)) for name, module in entries], bar)
+                    if propagate_compressed:
+                        tick = time.perf_counter()
+                        outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda index: None)
+                        self._timings["calibration_s"] += time.perf_counter() - tick
                 inputs.hidden = outputs
                 bar.update(1)
         return collected
