@@ -143,6 +143,7 @@ def _add_evaluate(subparsers: Any) -> None:
     parser.add_argument(
         "--record", action="store_true", help="store the result in the checkpoint's rfid_report.json and model card"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_evaluate)
 
 
@@ -157,7 +158,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.model} has no tokenizer")
     result: dict[str, Any] = {"model": args.model, "data": str(data), "seq_len": args.seq_len}
     result.update(
-        perplexity(model, tokenizer, data, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+        perplexity(
+            model,
+            tokenizer,
+            data,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            show_progress=not args.no_progress,
+        )
     )
     if args.reference:
         reference, _ = _load(args.reference, args.dtype)
