@@ -194,6 +194,26 @@ class RFIDMoEConfig(QuantizationConfigMixin):
                 f"versions up to {FORMAT_VERSION}. Upgrade hf-rfid (pip install -U hf-rfid)."
             )
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> RFIDMoEConfig:
+        """RFID-MoE exactly as the paper describes it (as far as it is known): weight-only group SVD of gate and up,
+        groups of 4, xi = 0.8, a 3 % hash residual, and the literal floor formula (which undershoots the budget)."""
+        settings: dict[str, Any] = {
+            "allocation": "rfid",
+            "group_size": 4,
+            "xi": 0.8,
+            "erank_power": 2,
+            "score_normalization": "sum",
+            "budget_scope": "layer",
+            "exact_budget": False,
+            "targets": ["gate", "up"],
+            "whitening": "none",
+            "refit_coefficients": False,
+            "residual": "hash",
+            "residual_fraction": 0.03,
+        }
+        return cls(**{**settings, **overrides})
+
     @property
     def effective_xi(self) -> float:
         """The fusion weight the allocation actually uses (`frequency` forces 0, `erank` forces 1)."""

@@ -22,6 +22,18 @@ def test_defaults_follow_the_paper():
     assert config.format_version == FORMAT_VERSION
 
 
+def test_paper_preset_is_the_literal_method():
+    config = RFIDMoEConfig.paper(keep=0.6)
+    assert (config.keep, config.group_size, config.xi, config.residual, config.residual_fraction) == (
+        0.6,
+        4,
+        0.8,
+        "hash",
+        0.03,
+    )
+    assert config.exact_budget is False and config.whitening == "none" and config.targets == ["gate", "up"]
+
+
 def test_json_round_trip_keeps_every_field():
     config = RFIDMoEConfig(keep=0.5, allocation="erank", group_size=2, targets="down", residual="blocks", seed=3)
     restored = RFIDMoEConfig.from_dict(json.loads(config.to_json_string()))
