@@ -47,8 +47,12 @@ MODELS = {
 }
 
 
+DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_dtype = torch.bfloat16
+
+
 def _load(model_dir: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype).eval()
 
 
 def _evaluate(model, tokenizer, texts: dict[str, Path], args, dense_routes=None) -> dict[str, Any]:
@@ -252,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="one calibration pass on the original model for all methods (propagate='original')",
     )
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE), help="compute dtype of every model")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
+    global _dtype
+    _dtype = DTYPE[args.dtype]
     args.keeps = [float(k) for k in args.keeps.split(",") if k]
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]

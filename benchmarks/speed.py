@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     threads = set_threads()
     hf_rfid.register()
     model_dir = {"smollm2-moe": smollm_moe_dir, "tiny": lambda: TINY_MOE}.get(args.model, lambda: Path(args.model))()
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     config = RFIDMoEConfig(**overrides)
     print(f"model {model_dir}, {threads} threads, config {overrides}", flush=True)
 
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     compressor = RFIDCompressor(config)
-    compressed = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    compressed = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tick = time.perf_counter()
     compressor.compress(
         compressed,
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     pad_token_id=0,
                 )
 
-        reloaded = AutoModelForCausalLM.from_pretrained(work / "compressed", dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(work / "compressed", dtype=dtype).eval()
         forward = {}
         for label, function in (("prefill", run_prefill), ("decode", run_decode)):
             forward[label] = {
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir),
         "config": overrides,
         "threads": threads,
+        "dtype": args.dtype,
         "machine": platform.platform(),
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "compression": compression,
