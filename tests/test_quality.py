@@ -1,7 +1,9 @@
 """Quality on a real (trained) MoE: the bundled small OLMoE compressed with RFID defaults at keep 0.6.
 
-The bound comes from the measured quality table (benchmarks/results/quality_tiny.md): RFID at keep 0.6 stays within
-BOUND of the dense perplexity on held-out text that neither training nor calibration saw.
+The bound comes from measurements: in benchmarks/results/quality_tiny.md RFID at keep 0.6 costs +0.3 % perplexity on
+the wiki test split (72.21 vs 71.98), and this exact setting (16 calibration windows, the bundled held-out excerpt,
+float32) measured 73.74 vs 73.53 (x1.003). The test allows x1.01: three times the measured loss; a broken
+factorisation or allocation moves perplexity by far more (plain SVD at keep 0.1 costs +16 %).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "assets" / "tiny-moe"
 HELDOUT = REPO / "assets" / "data" / "wiki_heldout.txt"
 CALIBRATION = REPO / "assets" / "data" / "wiki_calibration.txt"
-BOUND = 1.02  # compressed perplexity <= 1.02 x dense (measured: see the module docstring)
+BOUND = 1.01  # compressed perplexity <= 1.01 x dense (measured x1.003: see the module docstring)
 
 
 @pytest.mark.slow
@@ -34,7 +36,7 @@ def test_rfid_defaults_keep_perplexity_close_to_dense(tmp_path):
         dense_ppl = perplexity(dense, tokenizer, HELDOUT, max_tokens=16384)["perplexity"]
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
         compressor = RFIDCompressor(RFIDMoEConfig(keep=0.6))
-        compressor.compress(model, CALIBRATION, tokenizer=tokenizer, num_samples=32, seq_len=512, show_progress=False)
+        compressor.compress(model, CALIBRATION, tokenizer=tokenizer, num_samples=16, seq_len=512, show_progress=False)
         save_compressed(model, tmp_path / "rfid", tokenizer=tokenizer, report=compressor.report)
         compressed = hf_rfid.from_pretrained(tmp_path / "rfid", dtype=torch.float32)
         compressed_ppl = perplexity(compressed, tokenizer, HELDOUT, max_tokens=16384)["perplexity"]
