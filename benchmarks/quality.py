@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,11 @@ from hf_rfid import RFIDCompressor, RFIDMoEConfig
 from hf_rfid.compress.calibration import prepare_calibration
 from hf_rfid.evaluation import perplexity, topk_agreement
 
+# name -> (description, model directory, default keeps). Model (a) compresses almost for free down to 0.4, so its table
+# goes lower; --keeps overrides both.
 MODELS = {
-    "tiny": ("trained-from-scratch OLMoE (assets/tiny-moe)", lambda: TINY_MOE),
-    "smollm2-moe": ("SmolLM2-135M MoEfied into Mixtral (benchmarks/moefy.py)", smollm_moe_dir),
+    "tiny": ("trained-from-scratch OLMoE (assets/tiny-moe)", lambda: TINY_MOE, "0.8,0.6,0.4,0.2,0.1"),
+    "smollm2-moe": ("SmolLM2-135M MoEfied into Mixtral (benchmarks/moefy.py)", smollm_moe_dir, "0.8,0.6,0.4"),
 }
 
 
@@ -87,8 +90,10 @@ def _row(model_name: str, method: str, keep: float | None, evaluation: dict, ext
     return row
 
 
-def run_model(model_name: str, args, model_dir: Path | None = None) -> list[dict[str, Any]]:
-    description, locate = MODELS[model_name]
+def run_model(model_name: str, args, model_dir: Path | None = None, on_row=lambda rows: None) -> list[dict[str, Any]]:
+    """Every method at every keep on one model; ``on_row(rows)`` is called after each measured row."""
+    description, locate, default_keeps = MODELS[model_name]
+    keeps = args.keeps or [float(k) for k in default_keeps.split(",")]
     model_dir = Path(model_dir or locate())
     print(f"\n=== {model_name}: {description} ({model_dir})", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -111,6 +116,7 @@ def run_model(model_name: str, args, model_dir: Path | None = None) -> list[dict
         )
     )
     print(_format_row(rows[-1], texts), flush=True)
+    on_row(rows)
 
     statistics = {}
     if args.reuse_statistics:
@@ -143,8 +149,9 @@ def run_model(model_name: str, args, model_dir: Path | None = None) -> list[dict
             )
         )
         print(_format_row(rows[-1], texts), flush=True)
+        on_row(rows)
 
-    for keep in args.keeps:
+    for keep in keeps:
         for method in args.methods:
             overrides = dict(METHODS[method])
             if args.reuse_statistics:
@@ -172,6 +179,7 @@ def run_model(model_name: str, args, model_dir: Path | None = None) -> list[dict
             }
             rows.append(_row(model_name, method, keep, evaluation, extra))
             print(_format_row(rows[-1], texts), flush=True)
+            on_row(rows)
             if method == "rfid" and args.int8_keeps and keep in args.int8_keeps:
                 accounting = quantise_factors(model, 8)
                 evaluation = _evaluate(model, tokenizer, texts, args, dense_routes)
@@ -188,6 +196,7 @@ def run_model(model_name: str, args, model_dir: Path | None = None) -> list[dict
                     )
                 )
                 print(_format_row(rows[-1], texts), flush=True)
+                on_row(rows)
     return rows
 
 
@@ -238,8 +247,10 @@ def to_markdown(rows: list[dict[str, Any]], texts: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,smollm2-moe", help="comma-separated names (name=DIR overrides)")
-    parser.add_argument("--keeps", default="0.8,0.6,0.4")
+    parser.add_argument("--models", default="smollm2-moe,tiny", help="comma-separated names (name=DIR overrides)")
+    parser.add_argument(
+        "--keeps", default=None, help="comma-separated kept fractions (default: 0.8,0.6,0.4; model tiny also 0.2,0.1)"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--quantise", default="8,4", help="RTN bit widths for the quantisation baselines")
     parser.add_argument("--int8-keeps", default="0.8,0.6", help="keeps at which RFID+int8 is also measured")
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global _dtype
     _dtype = DTYPE[args.dtype]
-    args.keeps = [float(k) for k in args.keeps.split(",") if k]
+    args.keeps = [float(k) for k in args.keeps.split(",") if k] if args.keeps else None
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -275,24 +286,32 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     texts = list(eval_sets(args.quick))
-    for entry in [m for m in args.models.split(",") if m]:
-        model_name, _, path = entry.partition("=")  # "tiny=/other/dir" evaluates another checkpoint
-        model_rows = run_model(model_name, args, Path(path) if path else None)
-        rows.extend(model_rows)
-        (output / f"quality_{model_name}.md").write_text(to_markdown(model_rows, texts) + "\n")
     meta = {
-        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": threads,
         "machine": platform.platform(),
         "torch": torch.__version__,
         "hf_rfid": hf_rfid.__version__,
-        "seconds": time.perf_counter() - started,
         "methods": {m: METHOD_NOTES[m] for m in args.methods},
         "eval_sets": texts,
         "args": {k: v for k, v in vars(args).items()},
     }
-    (output / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (output / "quality.md").write_text(to_markdown(rows, texts) + "\n")
+
+    def write(model_rows: list[dict[str, Any]], complete: bool = False) -> None:
+        """Rewrite the results after every row, so an interrupted run keeps what it measured."""
+        everything = rows + model_rows
+        meta.update(complete=complete, seconds=time.perf_counter() - started)
+        (output / "quality.json").write_text(json.dumps({"meta": meta, "rows": everything}, indent=1) + "\n")
+        (output / "quality.md").write_text(to_markdown(everything, texts) + "\n")
+
+    for entry in [m for m in args.models.split(",") if m]:
+        model_name, _, path = entry.partition("=")  # "tiny=/other/dir" evaluates another checkpoint
+        if model_name not in MODELS:
+            parser.error(f"unknown model {model_name!r}; choose from {', '.join(MODELS)} (or NAME=DIR)")
+        model_rows = run_model(model_name, args, Path(path) if path else None, on_row=write)
+        rows.extend(model_rows)
+        (output / f"quality_{model_name}.md").write_text(to_markdown(model_rows, texts) + "\n")
+    write([], complete=True)
     print(f"\nwrote {output / 'quality.md'} and quality.json in {meta['seconds']:.0f}s")
     return 0
 
