@@ -245,6 +245,32 @@ def to_markdown(rows: list[dict[str, Any]], texts: list[str]) -> str:
     return "\n".join(lines)
 
 
+def to_summary(rows: list[dict[str, Any]], split: str) -> str:
+    """One table per model: perplexity on ``split`` for every method (rows) at every keep (columns)."""
+    out = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        model_rows = [row for row in rows if row["model"] == model]
+        keeps = sorted({row["keep"] for row in model_rows if row["keep"] is not None}, reverse=True)
+        methods = list(dict.fromkeys(row["method"] for row in model_rows if row["keep"] is not None))
+        dense = next(row for row in model_rows if row["method"] == "dense")
+        fixed = [row for row in model_rows if row["keep"] is None and row["method"] != "dense"]
+        header = f"**{model}**: perplexity on `{split}` (dense {dense[split]['perplexity']:.2f}"
+        header += "".join(
+            f"; {row['method']} {row[split]['perplexity']:.2f} at {row['bytes_fraction']:.2f} of the bytes"
+            for row in fixed
+        )
+        out += [header + ")", "", "| method | " + " | ".join(f"keep {k:.1f}" for k in keeps) + " |"]
+        out.append("|---|" + "---|" * len(keeps))
+        for method in methods:
+            cells = []
+            for keep in keeps:
+                found = [row for row in model_rows if row["method"] == method and row["keep"] == keep]
+                cells.append(f"{found[0][split]['perplexity']:.2f}" if found else "-")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-moe,tiny", help="comma-separated names (name=DIR overrides)")
@@ -269,7 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE), help="compute dtype of every model")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the Markdown tables from the output's quality.json"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads((Path(args.output) / "quality.json").read_text())
+        texts = saved["meta"]["eval_sets"]
+        (Path(args.output) / "quality.md").write_text(to_markdown(saved["rows"], texts) + "\n")
+        (Path(args.output) / "quality_summary.md").write_text(to_summary(saved["rows"], texts[0]))
+        return 0
     global _dtype
     _dtype = DTYPE[args.dtype]
     args.keeps = [float(k) for k in args.keeps.split(",") if k] if args.keeps else None
@@ -303,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         meta.update(complete=complete, seconds=time.perf_counter() - started)
         (output / "quality.json").write_text(json.dumps({"meta": meta, "rows": everything}, indent=1) + "\n")
         (output / "quality.md").write_text(to_markdown(everything, texts) + "\n")
+        (output / "quality_summary.md").write_text(to_summary(everything, texts[0]))
 
     for entry in [m for m in args.models.split(",") if m]:
         model_name, _, path = entry.partition("=")  # "tiny=/other/dir" evaluates another checkpoint

@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "demo_output"))
     parser.add_argument("--eval-tokens", type=int, default=16384)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     model_dir, description = _model(args.quick)
     keep = args.keep if args.keep is not None else (0.6 if args.quick else 0.8)

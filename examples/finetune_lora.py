@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import peft
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -74,7 +75,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dense_ppl = perplexity(model, tokenizer, heldout, max_tokens=args.eval_tokens)["perplexity"]
     compressor = RFIDCompressor(RFIDMoEConfig(keep=args.keep))
-    compressor.compress(model, train_text, tokenizer=tokenizer, num_samples=32, seq_len=512)
+    compressor.compress(model, train_text, tokenizer=tokenizer, num_samples=32, seq_len=args.seq_len)
     save_compressed(model, output / "compressed", tokenizer=tokenizer, report=compressor.report, overwrite=True)
 
     compressed = hf_rfid.from_pretrained(output / "compressed", dtype=torch.float32)
@@ -83,7 +84,7 @@ def main() -> None:
     windows = build_windows(load_documents(train_text), tokenizer, num_windows, args.seq_len, seed=1).input_ids
     wrapped = hf_rfid.peft.get_peft_model(
         compressed,
-        __import__("peft").LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM"),
+        peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     trainer = Trainer(
@@ -99,7 +100,7 @@ def main() -> None:
             logging_steps=max(1, args.steps // 10),
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=not torch.cuda.is_available(),
             seed=0,
         ),
         train_dataset=_Windows(windows),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,25 +39,58 @@ def _load(path: str, dtype: str = "auto") -> tuple[Any, Any]:
 
 
 def _add_compress(subparsers: Any) -> None:
+    from .config import ALLOCATIONS, BUDGET_SCOPES, PROPAGATIONS, RESIDUALS, WHITENINGS, RFIDMoEConfig
+
     parser = subparsers.add_parser("compress", help="compress the routed experts of an MoE model")
     parser.add_argument("model", help="model directory or Hub id (dense MoE checkpoint)")
     parser.add_argument("--output", "-o", required=True, help="directory for the compressed checkpoint")
-    parser.add_argument("--keep", type=float, default=0.6, help="kept fraction of the compressed matrices (0, 1]")
+    config = argparse.SUPPRESS  # not given: the RFIDMoEConfig default (or the --paper preset's value)
+    defaults = RFIDMoEConfig()
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=config,
+        help=f"kept fraction of the compressed matrices (0, 1] (default {defaults.keep})",
+    )
     parser.add_argument("--calibration", help="text/JSONL file or folder, or wikitext2 | c4 | ptb (default: data-free)")
-    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    parser.add_argument("--allocation", default="rfid", choices=["rfid", "uniform", "frequency", "erank"])
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--xi", type=float, default=0.8)
-    parser.add_argument("--budget-scope", default="layer", choices=["layer", "global"])
-    parser.add_argument("--targets", default="gate,up", help="comma-separated subset of gate,up,down")
-    parser.add_argument("--whitening", default="none", choices=["none", "activation"])
-    parser.add_argument("--residual", default="hash", choices=["hash", "blocks", "fit", "none"])
-    parser.add_argument("--residual-fraction", type=float, default=0.03)
-    parser.add_argument("--exact-budget", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--propagate", default="compressed", choices=["compressed", "original"])
+    parser.add_argument("--num-samples", type=_positive_int, default=128, help="calibration windows")
+    parser.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=config, help=f"(default {defaults.seed})")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward pass")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="start from RFIDMoEConfig.paper(), the literal RFID-MoE method (weight-only SVD, xi 0.8, hash residual)",
+    )
+    parser.add_argument("--allocation", default=config, choices=ALLOCATIONS, help=f"(default {defaults.allocation})")
+    parser.add_argument("--group-size", type=int, default=config, help=f"(default {defaults.group_size})")
+    parser.add_argument("--xi", type=float, default=config, help=f"(default {defaults.xi})")
+    parser.add_argument(
+        "--budget-scope", default=config, choices=BUDGET_SCOPES, help=f"(default {defaults.budget_scope})"
+    )
+    parser.add_argument(
+        "--targets",
+        default=config,
+        help=f"comma-separated subset of gate,up,down (default {','.join(defaults.targets)})",
+    )
+    parser.add_argument("--whitening", default=config, choices=WHITENINGS, help=f"(default {defaults.whitening})")
+    parser.add_argument(
+        "--refit-coefficients",
+        action=argparse.BooleanOptionalAction,
+        default=config,
+        help=f"refit every expert's coefficients on its own inputs (default {defaults.refit_coefficients})",
+    )
+    parser.add_argument("--residual", default=config, choices=RESIDUALS, help=f"(default {defaults.residual})")
+    parser.add_argument(
+        "--residual-fraction", type=float, default=config, help=f"(default {defaults.residual_fraction})"
+    )
+    parser.add_argument(
+        "--exact-budget",
+        action=argparse.BooleanOptionalAction,
+        default=config,
+        help=f"(default {defaults.exact_budget})",
+    )
+    parser.add_argument("--propagate", default=config, choices=PROPAGATIONS, help=f"(default {defaults.propagate})")
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also publish the result to this Hub repository")
@@ -72,20 +106,13 @@ def _compress(args: argparse.Namespace) -> int:
     from .compress.writer import save_compressed
     from .config import RFIDMoEConfig
 
-    config = RFIDMoEConfig(
-        keep=args.keep,
-        allocation=args.allocation,
-        group_size=args.group_size,
-        xi=args.xi,
-        budget_scope=args.budget_scope,
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        whitening=args.whitening,
-        residual=args.residual,
-        residual_fraction=args.residual_fraction,
-        exact_budget=args.exact_budget,
-        propagate=args.propagate,
-        seed=args.seed,
-    )
+    fields = ("keep", "allocation", "group_size", "xi", "budget_scope", "targets", "whitening", "refit_coefficients")
+    fields += ("residual", "residual_fraction", "exact_budget", "propagate", "seed")
+    given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    if "targets" in given:
+        given["targets"] = [t.strip() for t in given["targets"].split(",") if t.strip()]
+    config = RFIDMoEConfig.paper(**given) if args.paper else RFIDMoEConfig(**given)
+    seed = config.seed
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise CommandError(f"{output} exists and is not empty; use --overwrite to replace it")
@@ -106,7 +133,7 @@ def _compress(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
-        seed=args.seed,
+        seed=seed,
         batch_size=args.batch_size,
         show_progress=not args.no_progress,
     )
@@ -134,9 +161,9 @@ def _add_evaluate(subparsers: Any) -> None:
     parser = subparsers.add_parser("evaluate", help="held-out perplexity (and routing agreement with a reference)")
     parser.add_argument("model", help="model directory or Hub id (compressed or dense)")
     parser.add_argument("--data", required=True, help="text file to evaluate on")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+    parser.add_argument("--seq-len", type=_positive_int, default=512)
+    parser.add_argument("--batch-size", type=_positive_int, default=4)
+    parser.add_argument("--max-tokens", type=_positive_int, help="evaluate only the first N tokens")
     parser.add_argument("--reference", help="original model: also report router top-k agreement")
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -148,34 +175,27 @@ def _add_evaluate(subparsers: Any) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import perplexity, routing_agreement, tokenize_windows
+    from .compress.writer import REPORT_FILE
+    from .evaluation import perplexity, topk_agreement
 
     data = Path(args.data)
     if not data.is_file():
         raise CommandError(f"evaluation data {args.data} is not a file")
+    if args.record and not (Path(args.model) / REPORT_FILE).is_file():
+        raise CommandError(f"--record needs a local checkpoint with {REPORT_FILE}; {args.model} has none")
     model, tokenizer = _load(args.model, args.dtype)
     if tokenizer is None:
         raise CommandError(f"{args.model} has no tokenizer")
     result: dict[str, Any] = {"model": args.model, "data": str(data), "seq_len": args.seq_len}
-    result.update(
-        perplexity(
-            model,
-            tokenizer,
-            data,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            show_progress=not args.no_progress,
-        )
-    )
+    routes: dict[str, Any] | None = {} if args.reference else None
+    settings = {"seq_len": args.seq_len, "batch_size": args.batch_size, "max_tokens": args.max_tokens}
+    result.update(perplexity(model, tokenizer, data, show_progress=not args.no_progress, routes=routes, **settings))
     if args.reference:
         reference, _ = _load(args.reference, args.dtype)
-        measured = perplexity(
-            reference, tokenizer, data, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens
-        )
+        reference_routes: dict[str, Any] = {}
+        measured = perplexity(reference, tokenizer, data, routes=reference_routes, **settings)
         result["reference_perplexity"] = measured["perplexity"]
-        windows, _ = tokenize_windows(data.read_text(encoding="utf-8"), tokenizer, args.seq_len, args.max_tokens)
-        agreement = routing_agreement(model, reference, windows, batch_size=args.batch_size)
+        agreement = topk_agreement(routes, reference_routes)
         result["router_topk_agreement"] = agreement["mean"]
         result["router_topk_agreement_per_layer"] = agreement["per_layer"]
     if args.record:
@@ -210,7 +230,9 @@ def _record_evaluation(directory: Path, data: Path, result: dict[str, Any]) -> N
         "tokens": result["tokens"],
         "seq_len": result["seq_len"],
     }
-    report_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    staged = report_file.with_name(f".{REPORT_FILE}.tmp")
+    staged.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(staged, report_file)
     write_model_card(directory, report=report)
 
 
@@ -222,6 +244,7 @@ def _add_inspect(subparsers: Any) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from .compress.writer import REPORT_FILE
     from .report import checkpoint_summary, format_summary
 
     path = Path(args.model)
@@ -231,7 +254,7 @@ def _inspect(args: argparse.Namespace) -> int:
         summary = checkpoint_summary(path)
     except ValueError as error:
         raise CommandError(str(error)) from error
-    report_file = path / "rfid_report.json"
+    report_file = path / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.exists() else None
     if args.json:
         print(json.dumps({"summary": summary, "report": report}))
@@ -250,18 +273,44 @@ def _add_dequantize(subparsers: Any) -> None:
 
 
 def _dequantize(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
+    if output.exists() and Path(args.model).exists() and output.resolve() == Path(args.model).resolve():
+        raise CommandError("--output must differ from the compressed checkpoint (its weights are still being read)")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise CommandError(f"{output} exists and is not empty; use --overwrite to replace it")
     model, tokenizer = _load(args.model, args.dtype)
     if not getattr(model, "is_quantized", False):
         raise CommandError(f"{args.model} is not an hf-rfid compressed checkpoint")
     dense = model.dequantize()
-    dense.save_pretrained(output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:  # written next to the output and renamed into place: never a half-written or mixed directory
+        dense.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"wrote dense {type(dense).__name__} to {output}")
     return 0
+
+
+def _positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(f"hf-rfid {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+    except (ValueError, OSError) as error:
         print(f"hf-rfid {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 

@@ -82,6 +82,8 @@ class RFIDMoEConfig(QuantizationConfigMixin):
             the low-rank budget, so it must be smaller than `keep`.
         min_expert_tokens: An expert (or group) with fewer routed calibration tokens uses weight-only statistics.
         propagate: Feed each layer's calibration inputs through the `"compressed"` or the `"original"` earlier layers.
+            `budget_scope="global"` needs every layer's statistics before any layer is compressed, so it always
+            calibrates on the original model.
         seed: Seed of everything random (calibration windows, hash projections).
         modules_to_not_convert: Experts modules (full names or name prefixes) left dense.
         compressed_modules: Set by the compressor: the experts modules that hold factors.
@@ -228,6 +230,13 @@ class RFIDMoEConfig(QuantizationConfigMixin):
     def needs_activations(self) -> bool:
         """Whether the options need calibration activations (not only routing counts)."""
         return self.whitening == "activation" or self.residual == "fit" or self.refit_coefficients
+
+    def without_activations(self) -> RFIDMoEConfig:
+        """A copy for data-free compression: no whitening, no coefficient refit, a fitted residual becomes blocks."""
+        settings = {**self.to_dict(), "whitening": "none", "refit_coefficients": False}
+        if self.residual == "fit":
+            settings["residual"] = "blocks"
+        return type(self)(**settings)
 
     def is_convertible(self, module_name: str) -> bool:
         """Whether the experts module `module_name` may be compressed (not listed in `modules_to_not_convert`)."""

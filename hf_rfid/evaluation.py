@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,20 @@ from tqdm.auto import tqdm
 
 from .modeling.adapters import find_experts_modules
 
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv"}
+
 
 def read_text(source: str | Path) -> str:
-    """The text of a file (or the string itself if it is not a path to a file)."""
+    """The text of a file (or the string itself if it is not a path to a file).
+
+    A `Path`, or a one-word string ending in a text-file suffix (`.txt`, `.jsonl`, ...), that names no file raises
+    `FileNotFoundError` instead of being evaluated as text.
+    """
     path = Path(source)
     if len(str(source)) < 4096 and path.is_file():
         return path.read_text(encoding="utf-8")
-    if isinstance(source, Path):
+    looks_like_path = isinstance(source, str) and not any(c.isspace() for c in source) and path.suffix in TEXT_SUFFIXES
+    if isinstance(source, Path) or looks_like_path:
         raise FileNotFoundError(f"no such file: {source}")
     return str(source)
 
@@ -113,7 +120,8 @@ def perplexity(
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        with recording_routes(model) as recorded:
+        recorder = recording_routes(model) if routes is not None else nullcontext({})
+        with recorder as recorded:
             masks = []
             for logits, ids, mask in _run_batches(model, windows, batch_size, show_progress):
                 logits = logits[:, :-1].float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def build_model_card(
     perplexities = perplexities or report.get("evaluation")
     config = report.get("config", {})
     base_model = base_model or report.get("base_model")
-    hub_base = base_model if base_model and not Path(base_model).exists() and "/" in base_model else None
+    hub_base = base_model if base_model and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) else None
     data = ModelCardData(
         base_model=hub_base,
         base_model_relation="quantized" if hub_base else None,
@@ -145,14 +146,16 @@ def push_to_hub(
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload RFID-MoE compressed model",
+    commit_description: str | None = None,
     revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
     """Publish a saved compressed checkpoint directory (weights, config, tokenizer, report, figure, card) in one commit.
 
-    Returns the URL of the commit. The token is passed to `huggingface_hub` only; it is never printed or logged.
+    Returns the URL of the commit (or of the pull request with `create_pr=True`). Any failure (HTTP, network, file)
+    raises `HubUploadError`. The token is passed to `huggingface_hub` only; it is never printed or logged.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -166,11 +169,13 @@ def push_to_hub(
             repo_id=repo_id,
             folder_path=str(directory),
             commit_message=commit_message,
+            commit_description=commit_description,
             revision=revision,
+            create_pr=create_pr,
             repo_type="model",
         )
-    except (HfHubHTTPError, OSError) as error:
-        raise HubUploadError(f"uploading {directory} to {repo_id} failed ({type(error).__name__}: {error})") from None
+    except Exception as error:  # HTTP errors, network errors (httpx), timeouts, local file errors
+        raise HubUploadError(f"uploading {directory} to {repo_id} failed ({type(error).__name__}: {error})") from error
     logger.info("published %s to %s", directory, repo_id)
     return str(getattr(info, "commit_url", info))
 
@@ -183,17 +188,26 @@ def push_compressed_model(
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     revision: str | None = None,
+    create_pr: bool = False,
     max_shard_size: str | int = "5GB",
     tags: list[str] | None = None,
-    **_: Any,
+    safe_serialization: bool = True,
+    **unsupported: Any,
 ) -> str:
     """Save an in-memory compressed model with its report, figure, card and tokenizer, and publish it in one commit.
 
     Bound as `push_to_hub` on every compressed model (after `RFIDCompressor.compress` or loading), so
-    `compressed.push_to_hub(repo)` publishes the whole checkpoint and not only the weights.
+    `compressed.push_to_hub(repo)` publishes the whole checkpoint and not only the weights. Takes the arguments of
+    transformers' `push_to_hub` that apply; others raise `TypeError` rather than being silently ignored.
     """
     import tempfile
+
+    if unsupported:
+        raise TypeError(f"push_to_hub() of an hf-rfid model does not support {sorted(unsupported)}")
+    if not safe_serialization:
+        raise ValueError("hf-rfid checkpoints are safetensors only (safe_serialization=False is not supported)")
 
     from .compress.writer import save_compressed
 
@@ -209,7 +223,9 @@ def push_compressed_model(
             private=bool(private),
             token=token,
             commit_message=commit_message or "Upload RFID-MoE compressed model",
+            commit_description=commit_description,
             revision=revision,
+            create_pr=create_pr,
         )
 
 

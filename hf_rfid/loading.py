@@ -84,10 +84,12 @@ def _layout_of_module(
     def full(suffix: str) -> str:
         return f"{name}.{suffix}"
 
-    def require(suffix: str, shape: list[int] | None = None) -> list[int]:
+    def require(suffix: str, shape: list[int] | None = None, ndim: int = 2) -> list[int]:
         if suffix not in entries:
             raise CheckpointFormatError(f"missing tensor {full(suffix)} in the compressed checkpoint")
         found = entries[suffix][2]
+        if shape is None and len(found) != ndim:
+            raise CheckpointFormatError(f"tensor {full(suffix)} has shape {found}, expected {ndim} dimensions")
         if shape is not None and found != shape:
             raise CheckpointFormatError(f"tensor {full(suffix)} has shape {found}, expected {shape}")
         return found

@@ -32,17 +32,9 @@ class RFIDMoEHfQuantizer(HfQuantizer):
 
     requires_calibration = True
 
-    def __init__(self, quantization_config: RFIDMoEConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
-        self.dtype: torch.dtype | None = None
-
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("distributed_config") is not None or kwargs.get("tp_plan") is not None:
             raise ValueError("hf-rfid checkpoints do not support tensor or expert parallel loading yet")
-
-    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        self.dtype = dtype
-        return dtype
 
     def update_parallel_plan(self, model: nn.Module, plan: dict[str, str] | None) -> None:
         if plan:
@@ -113,10 +105,16 @@ def _align_cpu_tensors(model: nn.Module) -> None:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every `FactorizedExperts` by the original experts module holding A B (+ residual), in place."""
+    """Replace every `FactorizedExperts` by the original experts module holding A B (+ residual), in place.
+
+    The result is a plain dense model: the hf-rfid `push_to_hub`, report and tokenizer attached to compressed models
+    are removed, so publishing it does not carry a compressed model's card or report.
+    """
     for name, module in list(model.named_modules()):
         if isinstance(module, FactorizedExperts):
             model.set_submodule(name, module.to_dense(dtype))
+    for attribute in ("push_to_hub", "rfid_report", "rfid_tokenizer"):
+        model.__dict__.pop(attribute, None)
     return model
 
 

@@ -182,13 +182,15 @@ def plot_allocation(report: dict[str, Any], path: str | Path) -> Path | None:
         axis.set_xlabel("group")
         axis.set_yticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
         figure.colorbar(image, ax=axis, fraction=0.046)
-    config = report.get("config", {})
-    figure.suptitle(
-        f"hf-rfid allocation: keep={config.get('keep')}, allocation={config.get('allocation')}, "
-        f"kept fraction {report['totals']['kept_fraction']:.3f}"
-    )
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        config = report.get("config", {})
+        figure.suptitle(
+            f"hf-rfid allocation: keep={config.get('keep')}, allocation={config.get('allocation')}, "
+            f"kept fraction {report['totals']['kept_fraction']:.3f}"
+        )
+        figure.tight_layout()
+        path = Path(path)
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
     return path

@@ -90,3 +90,20 @@ def test_every_group_at_its_maximum_leaves_budget_unused():
 def test_a_budget_below_rank_one_everywhere_is_an_error():
     with pytest.raises(ValueError, match="cannot hold rank 1 for all 3 groups"):
         allocation.allocate_ranks([1, 1, 1], [100] * 3, [10] * 3, 250)
+
+
+@pytest.mark.parametrize(
+    ("scores", "costs", "limits", "budget"),
+    [
+        ([100, 1, 1], [1, 1, 1], [2, 5, 5], 3),  # one group clipped at its maximum, two at the minimum
+        ([0.9, 0.05, 0.05], [1000] * 3, [3, 100, 100], 4000),
+        ([0.97, 0.01, 0.01, 0.01], [7, 5, 3, 11], [2, 40, 40, 40], 60),
+    ],
+)
+def test_exact_budget_never_overspends_when_clipping_both_ways(scores, costs, limits, budget):
+    ranks = allocation.allocate_ranks(scores, costs, limits, budget, exact=True)
+    spent = sum(r * c for r, c in zip(ranks, costs))
+    assert all(1 <= r <= m for r, m in zip(ranks, limits))
+    assert spent <= budget
+    # nothing else fits: every group below its maximum costs more than what is left
+    assert all(r == m or c > budget - spent for r, m, c in zip(ranks, limits, costs))

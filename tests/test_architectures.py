@@ -68,6 +68,8 @@ def test_dequantize_gives_a_plain_dense_model(model_type, tmp_path):
     compressed.save_pretrained(tmp_path / "compressed")
     dense = hf_rfid.from_pretrained(tmp_path / "compressed").dequantize()
     assert not any(isinstance(m, FactorizedExperts) for m in dense.modules())
+    # the compressed model's push_to_hub / report go with the factors: a dense model publishes like any other
+    assert not {"push_to_hub", "rfid_report", "rfid_tokenizer"} & set(vars(dense))
     assert (dense(inputs).logits - expected).abs().max() < 1e-4 * max(1.0, expected.abs().max())
     dense.save_pretrained(tmp_path / "dense")
     config = json.loads((tmp_path / "dense" / "config.json").read_text())

@@ -114,7 +114,6 @@ def test_evaluate_json_has_the_documented_keys(compressed_dir, dense_dir, capsys
         (["compress", "{dense}", "--output", "{tmp}/x", "--targets", "gate,w2"], "targets must be"),
         (["compress", "{dense}", "--output", "{tmp}/x", "--calibration", "/no/such/file.txt"], "does not exist"),
         (["compress", "{dense}", "--output", "{dense}"], "exists and is not empty"),
-        (["compress", "{dense}", "--output", "{tmp}/x", "--whitening", "activation"], "need calibration data"),
         (["inspect", "{dense}"], "not an hf-rfid checkpoint"),
         (["inspect", "{tmp}"], "not a checkpoint directory"),
         (["dequantize", "{dense}", "--output", "{tmp}/y"], "not an hf-rfid compressed checkpoint"),
@@ -128,6 +127,26 @@ def test_bad_input_fails_with_a_clear_message(args, message, dense_dir, tmp_path
     assert code != 0
     assert message in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--num-samples", "--seq-len"])
+def test_counts_must_be_positive(flag, dense_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", str(dense_dir), "--output", str(tmp_path / "x"), flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_dequantize_refuses_to_overwrite_its_own_input(compressed_dir, capsys):
+    code = main(["dequantize", str(compressed_dir), "--output", str(compressed_dir), "--overwrite"])
+    assert code == 2 and "--output must differ" in capsys.readouterr().err
+    assert hf_rfid.from_pretrained(compressed_dir) is not None  # untouched
+
+
+def test_saved_checkpoint_has_the_usual_permissions(compressed_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert compressed_dir.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_console_script_reports_bad_input_with_nonzero_exit(tmp_path):

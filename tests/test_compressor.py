@@ -316,5 +316,21 @@ def test_coefficient_refit_lowers_each_experts_activation_error(calibration_file
             before = relative_error(weights[expert], plain[expert], gram)
             after = relative_error(weights[expert], refitted[expert], gram)
             assert after <= before + 1e-9
-    with pytest.raises(ValueError, match="refit_coefficients=True need calibration data"):
-        RFIDCompressor(RFIDMoEConfig(refit_coefficients=True)).compress(tiny_model("mixtral"))
+    with pytest.warns(UserWarning, match="refit_coefficients=False"):
+        RFIDCompressor(RFIDMoEConfig(refit_coefficients=True)).compress(tiny_model("mixtral"), show_progress=False)
+
+
+def test_a_tokenizer_batch_encoding_is_accepted_as_calibration():
+    tokenizer = tiny_tokenizer()
+    encoded = tokenizer(["the quick brown fox jumps", "over the lazy dog again"], return_tensors="pt", padding=True)
+    batch = prepare_calibration(encoded, None, num_samples=2, seq_len=8, seed=0)
+    assert torch.equal(batch.input_ids, encoded["input_ids"])
+    assert torch.equal(batch.attention_mask, encoded["attention_mask"])
+
+
+def test_a_mistyped_evaluation_path_is_an_error_not_text():
+    from hf_rfid.evaluation import read_text
+
+    with pytest.raises(FileNotFoundError, match="no such file: data/tset.txt"):
+        read_text("data/tset.txt")
+    assert read_text("a short text, not a path.txt") == "a short text, not a path.txt"

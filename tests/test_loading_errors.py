@@ -182,11 +182,18 @@ def test_unsupported_models_get_a_clear_error(build, model_type, reason):
         assert reason in message
 
 
-def test_data_dependent_options_need_calibration():
-    model = tiny_model("mixtral")
-    for config in (RFIDMoEConfig(whitening="activation"), RFIDMoEConfig(residual="fit")):
-        with pytest.raises(ValueError, match="need calibration data"):
-            RFIDCompressor(config).compress(model, show_progress=False)
+def test_data_dependent_options_are_switched_off_without_calibration_and_recorded():
+    settings = {"whitening": "activation", "refit_coefficients": True, "residual": "fit"}
+    compressor = RFIDCompressor(RFIDMoEConfig(**settings))
+    with pytest.warns(UserWarning, match="data-free and weight-only"):
+        model = compressor.compress(tiny_model("mixtral"), show_progress=False)
+    saved = model.config.quantization_config
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    assert (saved["whitening"], saved["refit_coefficients"], saved["residual"]) == ("none", False, "blocks")
+    assert compressor.report["config"]["whitening"] == "none"
+    assert compressor.config.whitening == "activation"  # the compressor keeps what was asked for
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        compressor.compress(tiny_model("mixtral"), batch_size=0)
 
 
 def test_too_small_budget_is_explained():

@@ -252,3 +252,11 @@ def test_model_card_metadata_renders():
     assert {"rfid-moe", "moe", "low-rank", "extra"} <= set(card.data.tags)
     assert card.data.library_name == "transformers"
     assert "| wiki | 3.500 | 4.250 |" in card.text and "0.2700" in card.text and "| 0 | gate | 9 7 |" in card.text
+
+
+def test_push_to_hub_rejects_arguments_it_cannot_honour():
+    model = RFIDCompressor(RFIDMoEConfig(keep=0.6)).compress(tiny_model("mixtral"), show_progress=False)
+    with pytest.raises(TypeError, match="does not support \\['variant'\\]"):
+        model.push_to_hub("acme/x", variant="fp16")
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.push_to_hub("acme/x", safe_serialization=False)

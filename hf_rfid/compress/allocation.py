@@ -75,7 +75,7 @@ def allocate_ranks(
     formula K_g = max(1, floor(K_total * C_g / sum C)), clipped to `max_ranks`, where K_total is the budget over the
     score-weighted unit cost; it undershoots. With `exact=True`, ranks are proportional water-filling (groups that hit
     their maximum or the minimum of 1 are fixed and the rest re-shared), and the units lost to flooring go to the
-    largest remainders, so the stored size is within one rank unit per group of the budget (below it).
+    largest remainders, so the stored size is within one rank unit per group of the budget (never above it).
 
     Raises `ValueError` if even rank 1 for every group exceeds the budget.
     """
@@ -99,27 +99,10 @@ def allocate_ranks(
         return [
             min(m, max(1, math.floor(total_rank * w / sum(weights)))) for w, m in zip(weights, max_ranks, strict=True)
         ]
-    fixed: dict[int, int] = {}
-    targets: dict[int, float] = {}
-    while True:
-        free = [g for g in range(count) if g not in fixed]
-        remaining = budget - sum(fixed[g] * unit_costs[g] for g in fixed)
-        spend = sum(weights[g] * unit_costs[g] for g in free)
-        scale = remaining / spend if spend > 0 else 0.0
-        targets = {g: scale * weights[g] for g in free}
-        clipped = {g: max_ranks[g] for g in free if targets[g] > max_ranks[g]}
-        clipped.update({g: 1 for g in free if targets[g] < 1})
-        if not clipped:
-            break
-        fixed.update(clipped)
-        if len(fixed) == count:
-            break
-    ranks = [fixed.get(g, 0) for g in range(count)]
-    for g, target in targets.items():
-        if g not in fixed:
-            ranks[g] = max(1, min(max_ranks[g], math.floor(target)))
+    targets = _water_fill(weights, unit_costs, max_ranks, budget)
+    ranks = [max(1, min(m, math.floor(t))) for t, m in zip(targets, max_ranks, strict=True)]
     leftover = budget - sum(r * u for r, u in zip(ranks, unit_costs, strict=True))
-    want = {g: targets.get(g, float(ranks[g])) for g in range(count)}
+    want = dict(enumerate(targets))
     while True:
         candidates = [g for g in range(count) if ranks[g] < max_ranks[g] and unit_costs[g] <= leftover + 1e-9]
         if not candidates:
@@ -128,3 +111,29 @@ def allocate_ranks(
         ranks[best] += 1
         leftover -= unit_costs[best]
     return ranks
+
+
+def _water_fill(
+    weights: list[float], unit_costs: Sequence[int], max_ranks: Sequence[int], budget: float
+) -> list[float]:
+    """Continuous ranks clip(lam * w_g, 1, max_g) with the largest lam whose cost fits the budget (bisection)."""
+
+    def ranks_at(lam: float) -> list[float]:
+        return [min(float(m), max(1.0, lam * w)) for w, m in zip(weights, max_ranks, strict=True)]
+
+    def cost(ranks: list[float]) -> float:
+        return sum(r * u for r, u in zip(ranks, unit_costs, strict=True))
+
+    saturated = [float(m) if w > 0 else 1.0 for w, m in zip(weights, max_ranks, strict=True)]
+    if cost(saturated) <= budget:
+        return saturated
+    low, high = 0.0, 1.0
+    while cost(ranks_at(high)) <= budget:
+        high *= 2.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if cost(ranks_at(middle)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return ranks_at(low)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +149,7 @@ def prepare_calibration(
     if isinstance(source, torch.Tensor):
         ids = source if source.dim() == 2 else source[None]
         return CalibrationBatch(ids.long(), torch.ones_like(ids, dtype=torch.long))
-    if isinstance(source, dict):
+    if isinstance(source, Mapping):  # a dict or a tokenizer's BatchEncoding
         ids = torch.as_tensor(source["input_ids"]).long()
         mask = torch.as_tensor(source.get("attention_mask", torch.ones_like(ids))).long()
         if ids.shape != mask.shape or ids.dim() != 2:

@@ -71,7 +71,8 @@ class _MatrixPlan:
     code_dim: int
     budget: float  # parameters for bases + coefficients
     effective_ranks: list[float] = field(default_factory=list)
-    factorizations: list[GroupFactorization] | None = None
+    factorizations: list[GroupFactorization | None] | None = None
+    group_grams: list[torch.Tensor | None] = field(default_factory=list)  # the whitening Gram of each group
     weight_only_groups: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
@@ -205,7 +206,7 @@ class RFIDCompressor(OptimumQuantizer):
 
     Also implements optimum's `OptimumQuantizer` interface: `RFIDCompressor.from_pretrained(path).quantize(save_dir)`.
     After `compress`, `compressor.report` holds the per-layer allocation report (also written as `rfid_report.json`
-    by `save`).
+    by `quantize` and `hf_rfid.compress.writer.save_compressed`).
     """
 
     def __init__(self, config: RFIDMoEConfig | None = None, **overrides: Any) -> None:
@@ -227,7 +228,12 @@ class RFIDCompressor(OptimumQuantizer):
         config: RFIDMoEConfig | None = None,
         **overrides: Any,
     ) -> RFIDCompressor:
-        """A compressor bound to a model (a loaded model, or a local directory / Hub id loaded with its tokenizer)."""
+        """A compressor bound to a model (a loaded model, or a local directory / Hub id loaded with its tokenizer).
+
+        `file_name` exists for optimum's `OptimumQuantizer` signature; hf-rfid loads whole checkpoints only.
+        """
+        if file_name is not None:
+            raise ValueError("file_name is not supported: pass the checkpoint directory or Hub id")
         compressor = cls(config, **overrides)
         if isinstance(model_or_path, nn.Module):
             compressor.model = model_or_path
@@ -240,7 +246,12 @@ class RFIDCompressor(OptimumQuantizer):
         return compressor
 
     def quantize(self, save_dir: str | Path, file_prefix: str | None = None, **kwargs: Any) -> Path:
-        """Compress the bound model (keyword arguments as in `compress`) and save it to `save_dir`."""
+        """Compress the bound model (keyword arguments as in `compress`) and save it to `save_dir`.
+
+        `file_prefix` exists for optimum's `OptimumQuantizer` signature; the weights are always `model*.safetensors`.
+        """
+        if file_prefix is not None:
+            raise ValueError("file_prefix is not supported: hf-rfid writes standard model*.safetensors files")
         if self.model is None:
             raise ValueError("no model bound: use RFIDCompressor.from_pretrained(model_or_path) first")
         kwargs.setdefault("tokenizer", self.tokenizer)
@@ -270,56 +281,62 @@ class RFIDCompressor(OptimumQuantizer):
         """Replace every routed experts module of `model` (in place) and return the model.
 
         `calibration` is a text file or folder, a JSONL file, a list of strings, token ids, or a dataset name
-        (`wikitext2`, `c4`, `ptb`); `None` compresses data-free (every expert equally frequent, no whitening).
+        (`wikitext2`, `c4`, `ptb`); `None` compresses data-free and weight-only (every expert equally frequent;
+        whitening, coefficient refit and a fitted residual are switched off, with a warning).
         `statistics` (from `collect_statistics`, with `propagate="original"`) replaces the calibration pass, so one
         pass can serve several compressions of the same model.
         """
-        config = self.config
-        check_supported(model)
-        seed = config.seed if seed is None else seed
-        started = time.perf_counter()
-        self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
-        self._warnings: list[str] = []
-        targets = self._targets(model)
-        before = self._parameter_counts(model)
-        tokenizer = tokenizer or self.tokenizer
-        batch = None
-        if statistics is not None:
-            statistics.check(config, [name for name, _ in targets])
-        elif calibration is None:
-            if config.needs_activations:
-                raise ValueError(
-                    f"whitening={config.whitening!r} / residual={config.residual!r} / refit_coefficients="
-                    f"{config.refit_coefficients} need calibration data; pass calibration= (a text file, folder, "
-                    "list of strings or dataset name)"
-                )
-            self._warn(
-                "no calibration data: compressing data-free (every expert counted as equally frequent, no "
-                "whitening); pass calibration= for frequency-aware ranks"
-            )
-        else:
-            batch = prepare_calibration(calibration, tokenizer, num_samples, seq_len, seed)
-        was_training = model.training
-        model.eval()
+        requested_config = self.config
         try:
+            config = self.config
+            check_supported(model)
+            _check_counts(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+            seed = config.seed if seed is None else seed
+            started = time.perf_counter()
+            self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
+            self._warnings: list[str] = []
+            targets = self._targets(model)
+            before = self._parameter_counts(model)
+            tokenizer = tokenizer or self.tokenizer
+            batch = None
             if statistics is not None:
-                layer_reports = self._compress_with(model, targets, statistics.modules)
-            elif batch is None:
-                layer_reports = self._compress_with(model, targets, {}, show_progress)
+                statistics.check(config, [name for name, _ in targets])
+            elif calibration is None:
+                if config.needs_activations:
+                    # whitening, coefficient refit and the fitted residual need activations: switch them off for this
+                    # run (the saved config records what was done)
+                    config = self.config = config.without_activations()
+                self._warn(
+                    "no calibration data: compressing data-free and weight-only (every expert counted as equally "
+                    f"frequent; whitening={config.whitening!r}, refit_coefficients={config.refit_coefficients}, "
+                    f"residual={config.residual!r}); pass calibration= for frequency-aware ranks and activation-aware "
+                    "factors"
+                )
             else:
-                layer_reports = self._compress_calibrated(model, targets, batch, batch_size, show_progress)
+                batch = prepare_calibration(calibration, tokenizer, num_samples, seq_len, seed)
+            was_training = model.training
+            model.eval()
+            try:
+                if statistics is not None:
+                    layer_reports = self._compress_with(model, targets, statistics.modules)
+                elif batch is None:
+                    layer_reports = self._compress_with(model, targets, {}, show_progress)
+                else:
+                    layer_reports = self._compress_calibrated(model, targets, batch, batch_size, show_progress)
+            finally:
+                model.train(was_training)
+            self._attach(model, [name for name, _ in targets])
+            self._timings["total_s"] = time.perf_counter() - started
+            calibration_info = statistics.describe() if statistics is not None else None
+            if batch is not None:
+                calibration_info = describe_calibration(batch, calibration, seed)
+            self.report = self._build_report(model, layer_reports, before, calibration_info)
+            model.rfid_report = self.report
+            if tokenizer is not None:
+                model.rfid_tokenizer = tokenizer
+            return model
         finally:
-            model.train(was_training)
-        self._attach(model, [name for name, _ in targets])
-        self._timings["total_s"] = time.perf_counter() - started
-        calibration_info = statistics.describe() if statistics is not None else None
-        if batch is not None:
-            calibration_info = describe_calibration(batch, calibration, seed)
-        self.report = self._build_report(model, layer_reports, before, calibration_info)
-        model.rfid_report = self.report
-        if tokenizer is not None:
-            model.rfid_tokenizer = tokenizer
-        return model
+            self.config = requested_config  # a data-free run may have switched options off
 
     def collect_statistics(
         self,
@@ -338,6 +355,7 @@ class RFIDCompressor(OptimumQuantizer):
         The result can be passed as `statistics=` to `compress` of compressors whose configs use
         `propagate="original"` (the statistics of later layers come from the uncompressed model).
         """
+        _check_counts(num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
         seed = self.config.seed if seed is None else seed
         batch = prepare_calibration(calibration, tokenizer or self.tokenizer, num_samples, seq_len, seed)
         self._timings = {"calibration_s": 0.0, "svd_s": 0.0, "residual_s": 0.0}
@@ -435,10 +453,12 @@ class RFIDCompressor(OptimumQuantizer):
                 tick = time.perf_counter()
                 factorization = factorize_group(plan.weights[members].to(torch.float64), gram, config.whitening_floor)
                 self._timings["svd_s"] += time.perf_counter() - tick
-                factorizations.append(factorization)
+                plan.group_grams.append(gram)
                 plan.effective_ranks.append(
                     allocation.effective_rank(factorization.singular_values, config.erank_power)
                 )
+                # a global budget plans every layer before building any: keep only the spectrum, refactorise later
+                factorizations.append(None if config.budget_scope == "global" else factorization)
             if plan.weight_only_groups:
                 self._warn(
                     f"{name}.{matrix_type}: groups {plan.weight_only_groups} had fewer than "
@@ -482,6 +502,14 @@ class RFIDCompressor(OptimumQuantizer):
         statistics: ExpertStatistics | None,
     ) -> tuple[FactorizedExperts, dict[str, list[float]]]:
         config = self.config
+        for plan in plans:
+            if plan.factorizations is None or any(f is None for f in plan.factorizations):
+                tick = time.perf_counter()
+                plan.factorizations = [
+                    factorize_group(plan.weights[members].to(torch.float64), gram, config.whitening_floor)
+                    for members, gram in zip(plan.groups, plan.group_grams, strict=True)
+                ]
+                self._timings["svd_s"] += time.perf_counter() - tick
         expert_grams, group_grams = None, None
         if (config.residual == "fit" or config.refit_coefficients) and statistics is not None:
             expert_grams, group_grams = {}, {}
@@ -560,7 +588,7 @@ class RFIDCompressor(OptimumQuantizer):
         planned = []
         for name, module, statistics in entries:
             if bar is not None:
-                bar.set_description(f"layer {indices[name] + 1}/{bar.total}: factorising")
+                bar.set_description(f"decoder layer {indices[name]}: factorising")
             planned.append((name, module, statistics, *self._plan_module(name, module, statistics)))
         for matrix_type in self.config.targets:
             type_plans = [p for entry in planned for p in entry[5] if p.matrix_type == matrix_type]
@@ -579,7 +607,7 @@ class RFIDCompressor(OptimumQuantizer):
                 self._layer_report(name, indices[name], groups, frequencies, plans, errors, statistics, replacement)
             )
             for plan in plans:
-                plan.factorizations = None  # free the SVD factors
+                plan.factorizations, plan.group_grams = None, []  # free the SVD factors
         return reports
 
     def _compress_with(
@@ -717,3 +745,10 @@ class RFIDCompressor(OptimumQuantizer):
             "timings": dict(self._timings),
             "warnings": list(self._warnings),
         }
+
+
+def _check_counts(**counts: int) -> None:
+    """Raise `ValueError` naming the first argument that is not a positive integer."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -42,7 +42,7 @@ def whitening_factors(gram: torch.Tensor, floor: float) -> tuple[torch.Tensor, t
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     top = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
     if not top > 0:
-        identity = torch.eye(gram.shape[0], dtype=torch.float64)
+        identity = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
         return identity, identity
     clipped = eigenvalues.clamp_min(floor * top)
     root = clipped.sqrt()
@@ -94,14 +94,17 @@ def encode_residual(
     if not isinstance(projection, BlockProjection):
         raise ValueError("fitted residual codes need the block projection")
     gram = gram.to(torch.float64)
-    membership = torch.zeros(projection.in_features, projection.blocks_per_row, dtype=torch.float64)
-    membership[torch.arange(projection.in_features), projection.block_of_column] = 1.0
+    device = gram.device
+    membership = torch.zeros(projection.in_features, projection.blocks_per_row, dtype=torch.float64, device=device)
+    membership[torch.arange(projection.in_features, device=device), projection.block_of_column.to(device)] = 1.0
     pooled_gram = membership.T @ gram @ membership
     scale = float(pooled_gram.diagonal().mean()) if pooled_gram.numel() else 1.0
-    pooled_gram = pooled_gram + ridge * max(scale, 1e-30) * torch.eye(projection.blocks_per_row, dtype=torch.float64)
-    cross = residual.to(torch.float64) @ gram @ membership  # (p, nb)
+    pooled_gram = pooled_gram + ridge * max(scale, 1e-30) * torch.eye(
+        projection.blocks_per_row, dtype=torch.float64, device=device
+    )
+    cross = residual.to(device, torch.float64) @ gram @ membership  # (p, nb)
     means = torch.linalg.solve(pooled_gram, cross.T).T  # (p, nb)
-    return (means * projection.block_sizes.sqrt()).reshape(-1)
+    return (means * projection.block_sizes.to(device).sqrt()).reshape(-1)
 
 
 def relative_error(original: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor | None = None) -> float:
@@ -138,9 +141,10 @@ def refit_coefficients(
     A = W G B^T (B G B^T + ridge)^-1 with G the expert's input Gram. The group SVD chose B for the pooled inputs of the
     group; this adapts every expert's coefficients to its own routed tokens.
     """
-    weight, basis, gram = weight.to(torch.float64), basis.to(torch.float64), gram.to(torch.float64)
+    gram = gram.to(torch.float64)
+    weight, basis = weight.to(gram.device, torch.float64), basis.to(gram.device, torch.float64)
     projected = basis @ gram  # (K, d)
     lhs = projected @ basis.T
     scale = float(lhs.diagonal().mean()) if lhs.numel() else 1.0
-    lhs = lhs + ridge * max(scale, 1e-30) * torch.eye(lhs.shape[0], dtype=torch.float64)
+    lhs = lhs + ridge * max(scale, 1e-30) * torch.eye(lhs.shape[0], dtype=torch.float64, device=gram.device)
     return torch.linalg.solve(lhs, (weight @ projected.T).T).T

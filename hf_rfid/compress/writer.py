@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,10 @@ def save_compressed(
     output.parent.mkdir(parents=True, exist_ok=True)
     report = report if report is not None else getattr(model, "rfid_report", None)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint gets the usual permissions
+    backup: Path | None = None
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         for weights in staging.glob("*.safetensors"):
@@ -74,19 +80,23 @@ def save_compressed(
         if report is not None:
             (staging / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
             if figure:
-                plot_allocation(report, staging / FIGURE_FILE)
+                try:
+                    plot_allocation(report, staging / FIGURE_FILE)
+                except Exception as error:  # a figure is never worth losing a compression over
+                    warnings.warn(f"skipped the allocation figure ({type(error).__name__}: {error})", stacklevel=2)
         if model_card:
             write_model_card(staging, report=report)
         if output.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             backup.rmdir()
             output.rename(backup)
-            staging.rename(output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            staging.rename(output)
+        staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if backup is not None and backup.exists() and not output.exists():
+            backup.rename(output)  # put the previous checkpoint back
         raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     logger.info("saved compressed model to %s", output)
     return output
