@@ -180,7 +180,7 @@ def run_model(model_name: str, args, model_dir: Path | None = None, on_row=lambd
             rows.append(_row(model_name, method, keep, evaluation, extra))
             print(_format_row(rows[-1], texts), flush=True)
             on_row(rows)
-            if method == "rfid" and args.int8_keeps and keep in args.int8_keeps:
+            if method == "rfid" and args.int8_keeps and keep in args.int8_keeps:  # the defaults, also int8
                 accounting = quantise_factors(model, 8)
                 evaluation = _evaluate(model, tokenizer, texts, args, dense_routes)
                 rows.append(

@@ -1,7 +1,8 @@
 """Speed and memory benchmark, measured in one run against a baseline; reports ratios.
 
-    python benchmarks/speed.py                          # model (b), RFID defaults at keep 0.6
-    python benchmarks/speed.py --model tiny --keep 0.6 --residual none
+    python benchmarks/speed.py                          # model (b), hf-rfid defaults at keep 0.6
+    python benchmarks/speed.py --paper --output /tmp/speed-paper   # the paper's preset (hash residual)
+    python benchmarks/speed.py --model tiny --keep 0.6 --residual blocks
 
 1. Compression wall time split into calibration / SVD / residual+build / writing, against the time of the bare
    SVDs of the same group matrices (torch.linalg.svd only).
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-moe", help="smollm2-moe, tiny, or a checkpoint directory")
     parser.add_argument("--keep", type=float, default=0.6)
-    parser.add_argument("--residual", default=None, help="override the residual kind (default: the config default)")
-    parser.add_argument("--whitening", default="none")
+    parser.add_argument("--paper", action="store_true", help="RFIDMoEConfig.paper() instead of the defaults")
+    parser.add_argument("--residual", default=None, help="override the residual kind (default: the config's)")
+    parser.add_argument("--whitening", default=None, help="override the whitening (default: the config's)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -130,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = {"smollm2-moe": smollm_moe_dir, "tiny": lambda: TINY_MOE}.get(args.model, lambda: Path(args.model))()
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    overrides: dict[str, Any] = {"keep": args.keep, "whitening": args.whitening}
+    overrides: dict[str, Any] = {"keep": args.keep}
     if args.residual:
         overrides["residual"] = args.residual
-    config = RFIDMoEConfig(**overrides)
+    if args.whitening:
+        overrides["whitening"] = args.whitening
+    config = RFIDMoEConfig.paper(**overrides) if args.paper else RFIDMoEConfig(**overrides)
+    overrides = {k: v for k, v in config.to_dict().items() if k not in ("quant_method", "compressed_modules")}
     print(f"model {model_dir}, {threads} threads, config {overrides}", flush=True)
 
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()

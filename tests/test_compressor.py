@@ -169,7 +169,8 @@ def test_calibrated_compression_saves_reloads_and_reports(model_type, calibratio
     gate = layer["matrices"]["gate"]
     for key in ("effective_ranks", "scores", "ranks", "relative_error", "group_frequencies"):
         assert len(gate[key]) == (len(layer["groups"]) if key != "relative_error" else 8), key
-    assert all(0 < error < 1 for error in gate["relative_error"])
+    # weight-space errors: the defaults minimise the activation error instead, so they may exceed plain SVD's
+    assert all(0 < error < 1.5 for error in gate["relative_error"])
     assert {"kept_fraction", "moe_reduction", "model_reduction"} <= report["totals"].keys()
     assert report["timings"]["calibration_s"] > 0 and report["timings"]["svd_s"] > 0
 
@@ -282,7 +283,8 @@ def test_one_statistics_pass_serves_several_compressions(calibration_file):
         assert reused.rfid_report["calibration"]["reused_statistics"] is True
     with pytest.raises(ValueError, match="use propagate='original'"):
         RFIDCompressor(RFIDMoEConfig()).compress(tiny_model("mixtral"), statistics=statistics)
-    weight_only = RFIDCompressor(RFIDMoEConfig(propagate="original")).collect_statistics(
+    weight_only_config = RFIDMoEConfig(propagate="original", whitening="none", refit_coefficients=False)
+    weight_only = RFIDCompressor(weight_only_config).collect_statistics(
         tiny_model("mixtral"), calibration, show_progress=False
     )
     with pytest.raises(ValueError, match="hold no input Grams"):

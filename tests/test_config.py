@@ -13,12 +13,14 @@ from hf_rfid import RFIDMoEConfig
 from hf_rfid.config import FORMAT_VERSION
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_are_the_best_measured_combination():
+    """Chosen on model (b) (benchmarks/results/quality.md): frequency ranks, whitened SVD, refit, no residual."""
     config = RFIDMoEConfig()
     assert config.quant_method == "rfid_moe"
     assert (config.group_size, config.xi, config.residual_fraction) == (4, 0.8, 0.03)
     assert config.targets == ["gate", "up"]
-    assert config.allocation == "rfid" and config.residual == "hash" and config.exact_budget is True
+    assert (config.allocation, config.whitening, config.refit_coefficients) == ("frequency", "activation", True)
+    assert config.residual == "none" and config.exact_budget is True and config.effective_xi == 0.0
     assert config.format_version == FORMAT_VERSION
 
 
@@ -84,7 +86,7 @@ def test_unknown_fields_from_newer_versions_are_tolerated_and_kept(caplog):
 )
 def test_invalid_values_name_the_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=rf"RFIDMoEConfig\.{message}"):
-        RFIDMoEConfig(**{field: value})
+        RFIDMoEConfig(**{"residual": "hash", field: value})
 
 
 def test_residual_fraction_is_ignored_without_residual():

@@ -30,7 +30,9 @@ ATTENTION = {
 def compressed_dirs(tmp_path_factory):
     dirs = {}
     for model_type in ATTENTION:
-        model = RFIDCompressor(RFIDMoEConfig(keep=0.6)).compress(tiny_model(model_type), show_progress=False)
+        model = RFIDCompressor(RFIDMoEConfig(keep=0.6, residual="hash")).compress(
+            tiny_model(model_type), show_progress=False
+        )
         dirs[model_type] = tmp_path_factory.mktemp(model_type) / "compressed"
         model.save_pretrained(dirs[model_type])
     return dirs

@@ -43,4 +43,4 @@ def test_rfid_defaults_keep_perplexity_close_to_dense(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert abs(compressor.report["totals"]["kept_fraction"] - 0.6) < 0.01
-    assert dense_ppl < compressed_ppl <= BOUND * dense_ppl, (dense_ppl, compressed_ppl)
+    assert 0.98 * dense_ppl < compressed_ppl <= BOUND * dense_ppl, (dense_ppl, compressed_ppl)

@@ -155,7 +155,9 @@ def factorize_experts(
                     for position, expert in enumerate(members):
                         expert_gram = (expert_grams or {}).get(matrix_type, {}).get(expert)
                         if expert_gram is not None:
-                            coefficients[position] = refit_coefficients(group_weights[position], basis, expert_gram)
+                            coefficients[position] = refit_coefficients(
+                                group_weights[position], basis, expert_gram, initial=coefficients[position]
+                            )
                 target.bases[group_index].weight.copy_(basis)
                 residuals = {}
                 if target.residual is not None:

@@ -134,17 +134,27 @@ def select_residual_columns(residuals: list[torch.Tensor], gram: torch.Tensor | 
 
 
 def refit_coefficients(
-    weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor, ridge: float = 1e-6
+    weight: torch.Tensor,
+    basis: torch.Tensor,
+    gram: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    ridge: float = 1e-3,
 ) -> torch.Tensor:
-    """Coefficients A (p x K) minimising sum_t |(W - A B) x_t|^2 for a fixed basis B over one expert's inputs.
+    """Coefficients A (p x K) minimising sum_t |(W - A B) x_t|^2 + lam |A - A0|^2 for a fixed basis B.
 
-    A = W G B^T (B G B^T + ridge)^-1 with G the expert's input Gram. The group SVD chose B for the pooled inputs of the
-    group; this adapts every expert's coefficients to its own routed tokens.
+    A = (W G B^T + lam A0) (B G B^T + lam I)^-1 with G the expert's input Gram, A0 the SVD coefficients
+    (`initial`, zero if not given) and lam = `ridge` x the mean diagonal of B G B^T. The group SVD chose B for the
+    pooled inputs of the group; this adapts every expert's coefficients to its own routed tokens. The ridge pulls
+    towards A0, so directions the expert's few calibration tokens do not cover keep the SVD solution, and the
+    calibration error is never above that of A0.
     """
     gram = gram.to(torch.float64)
     weight, basis = weight.to(gram.device, torch.float64), basis.to(gram.device, torch.float64)
     projected = basis @ gram  # (K, d)
     lhs = projected @ basis.T
-    scale = float(lhs.diagonal().mean()) if lhs.numel() else 1.0
-    lhs = lhs + ridge * max(scale, 1e-30) * torch.eye(lhs.shape[0], dtype=torch.float64, device=gram.device)
-    return torch.linalg.solve(lhs, (weight @ projected.T).T).T
+    scale = ridge * max(float(lhs.diagonal().mean()) if lhs.numel() else 1.0, 1e-30)
+    lhs = lhs + scale * torch.eye(lhs.shape[0], dtype=torch.float64, device=gram.device)
+    rhs = weight @ projected.T
+    if initial is not None:
+        rhs = rhs + scale * initial.to(gram.device, torch.float64)
+    return torch.linalg.solve(lhs, rhs.T).T
