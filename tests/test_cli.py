@@ -137,6 +137,20 @@ def test_counts_must_be_positive(flag, dense_dir, tmp_path, capsys):
     assert f"argument {flag}: 0 must be >= 1" in capsys.readouterr().err
 
 
+def test_paper_preset_and_explicit_switches_reach_the_saved_config(dense_dir, tmp_path):
+    output = tmp_path / "paper"
+    args = ["compress", str(dense_dir), "--output", str(output), "--paper", "--xi", "0.5", "--no-progress"]
+    assert main(args) == 0
+    saved = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert (saved["allocation"], saved["residual"], saved["whitening"], saved["exact_budget"]) == (
+        "rfid",
+        "hash",
+        "none",
+        False,
+    )
+    assert saved["xi"] == 0.5 and saved["refit_coefficients"] is False
+
+
 def test_dequantize_refuses_to_overwrite_its_own_input(compressed_dir, capsys):
     code = main(["dequantize", str(compressed_dir), "--output", str(compressed_dir), "--overwrite"])
     assert code == 2 and "--output must differ" in capsys.readouterr().err
