@@ -73,12 +73,14 @@ def _add_compress(subparsers: Any) -> None:
         default=config,
         help=f"comma-separated subset of gate,up,down (default {','.join(defaults.targets)})",
     )
-    parser.add_argument("--whitening", default=config, choices=WHITENINGS, help=f"(default {defaults.whitening})")
+    parser.add_argument(
+        "--whitening", default=config, choices=WHITENINGS, help="(default: activation with --calibration, else none)"
+    )
     parser.add_argument(
         "--refit-coefficients",
         action=argparse.BooleanOptionalAction,
         default=config,
-        help=f"refit every expert's coefficients on its own inputs (default {defaults.refit_coefficients})",
+        help="refit every expert's coefficients on its own inputs (default: on with --calibration)",
     )
     parser.add_argument("--residual", default=config, choices=RESIDUALS, help=f"(default {defaults.residual})")
     parser.add_argument(

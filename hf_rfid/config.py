@@ -57,8 +57,9 @@ class RFIDMoEConfig(QuantizationConfigMixin):
     The defaults are the best combination measured on real pretrained weights (benchmarks/results/quality.md, model
     (b)): ranks by routing frequency, activation-whitened group SVD, refitted coefficients, no residual.
     `RFIDMoEConfig.paper()` is the method exactly as the paper describes it (weight-only SVD, `xi=0.8`, hash
-    residual); at the same size it is far worse on real weights. Without calibration data the activation-dependent
-    options are switched off (with a warning) and the saved config records that.
+    residual); at the same size it is far worse on real weights. `whitening` and `refit_coefficients` default to
+    `None`: on when the compression has calibration data, off for a data-free compression (which warns); the saved
+    config records the values used.
 
     Args:
         keep: Fraction of the compressed matrices' parameters that is stored, in (0, 1]. Includes the residual codes.
@@ -77,10 +78,12 @@ class RFIDMoEConfig(QuantizationConfigMixin):
             `False` reproduces the paper's floor formula, which undershoots.
         targets: Expert matrices to compress, a subset of `gate`, `up`, `down` (paper: gate and up).
         whitening: `"activation"` factorises W S with S from the input Gram of the tokens routed to the group
-            (SVD-LLM style); `"none"` is the data-free weight SVD.
+            (SVD-LLM style); `"none"` is the data-free weight SVD; `None` (default): `"activation"` when calibration
+            data is given, else `"none"`.
         whitening_floor: Relative eigenvalue floor of the input Gram used for whitening, in (0, 1).
         refit_coefficients: After the group SVD, refit every expert's coefficients for the shared basis by least
-            squares on its own routed calibration inputs (an hf-rfid addition; needs calibration data).
+            squares on its own routed calibration inputs (an hf-rfid addition; needs calibration data). `None`
+            (default): on when calibration data is given.
         residual: How part of the SVD residual is reconstructed: `"hash"` (seeded one-hot projection, the paper's
             reading), `"blocks"` (contiguous column blocks per row), `"fit"` (block codes fitted to calibration
             activations) or `"none"`.
@@ -107,9 +110,9 @@ class RFIDMoEConfig(QuantizationConfigMixin):
         budget_scope: str = "layer",
         exact_budget: bool = True,
         targets: list[str] | tuple[str, ...] | str = ("gate", "up"),
-        whitening: str = "activation",
+        whitening: str | None = None,
         whitening_floor: float = 1e-6,
-        refit_coefficients: bool = True,
+        refit_coefficients: bool | None = None,
         residual: str = "none",
         residual_fraction: float = 0.03,
         min_expert_tokens: int = 16,
@@ -179,11 +182,13 @@ class RFIDMoEConfig(QuantizationConfigMixin):
                 f"got {self.targets!r}"
             )
         self.targets = [t for t in MATRIX_TYPES if t in self.targets]
-        _choice("whitening", self.whitening, WHITENINGS)
+        if self.whitening is not None:
+            _choice("whitening", self.whitening, WHITENINGS)
         floor = _number("whitening_floor", self.whitening_floor)
         if not 0.0 < floor < 1.0:
             raise ValueError(f"RFIDMoEConfig.whitening_floor must be in (0, 1); got {self.whitening_floor!r}")
-        _boolean("refit_coefficients", self.refit_coefficients)
+        if self.refit_coefficients is not None:
+            _boolean("refit_coefficients", self.refit_coefficients)
         _choice("residual", self.residual, RESIDUALS)
         fraction = _number("residual_fraction", self.residual_fraction)
         if fraction < 0.0:
@@ -234,14 +239,21 @@ class RFIDMoEConfig(QuantizationConfigMixin):
 
     @property
     def needs_activations(self) -> bool:
-        """Whether the options need calibration activations (not only routing counts)."""
-        return self.whitening == "activation" or self.residual == "fit" or self.refit_coefficients
+        """Whether the options use calibration activations (not only routing counts) when data is given."""
+        return self.whitening != "none" or self.residual == "fit" or self.refit_coefficients is not False
 
-    def without_activations(self) -> RFIDMoEConfig:
-        """A copy for data-free compression: no whitening, no coefficient refit, a fitted residual becomes blocks."""
-        settings = {**self.to_dict(), "whitening": "none", "refit_coefficients": False}
-        if self.residual == "fit":
-            settings["residual"] = "blocks"
+    @property
+    def requires_calibration(self) -> bool:
+        """Whether options were explicitly set that cannot work data-free."""
+        return self.whitening == "activation" or self.residual == "fit" or self.refit_coefficients is True
+
+    def resolved(self, calibrated: bool) -> RFIDMoEConfig:
+        """A copy with the `None` (automatic) switches decided: on with calibration data, off without."""
+        settings = self.to_dict()
+        if self.whitening is None:
+            settings["whitening"] = "activation" if calibrated else "none"
+        if self.refit_coefficients is None:
+            settings["refit_coefficients"] = calibrated
         return type(self)(**settings)
 
     def is_convertible(self, module_name: str) -> bool:

@@ -114,6 +114,7 @@ def test_evaluate_json_has_the_documented_keys(compressed_dir, dense_dir, capsys
         (["compress", "{dense}", "--output", "{tmp}/x", "--targets", "gate,w2"], "targets must be"),
         (["compress", "{dense}", "--output", "{tmp}/x", "--calibration", "/no/such/file.txt"], "does not exist"),
         (["compress", "{dense}", "--output", "{dense}"], "exists and is not empty"),
+        (["compress", "{dense}", "--output", "{tmp}/x", "--whitening", "activation"], "need calibration data"),
         (["inspect", "{dense}"], "not an hf-rfid checkpoint"),
         (["inspect", "{tmp}"], "not a checkpoint directory"),
         (["dequantize", "{dense}", "--output", "{tmp}/y"], "not an hf-rfid compressed checkpoint"),

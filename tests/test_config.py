@@ -19,8 +19,11 @@ def test_defaults_are_the_best_measured_combination():
     assert config.quant_method == "rfid_moe"
     assert (config.group_size, config.xi, config.residual_fraction) == (4, 0.8, 0.03)
     assert config.targets == ["gate", "up"]
-    assert (config.allocation, config.whitening, config.refit_coefficients) == ("frequency", "activation", True)
+    assert (config.allocation, config.whitening, config.refit_coefficients) == ("frequency", None, None)
     assert config.residual == "none" and config.exact_budget is True and config.effective_xi == 0.0
+    calibrated, data_free = config.resolved(calibrated=True), config.resolved(calibrated=False)
+    assert (calibrated.whitening, calibrated.refit_coefficients) == ("activation", True)
+    assert (data_free.whitening, data_free.refit_coefficients) == ("none", False)
     assert config.format_version == FORMAT_VERSION
 
 

@@ -182,16 +182,26 @@ def test_unsupported_models_get_a_clear_error(build, model_type, reason):
         assert reason in message
 
 
-def test_data_dependent_options_are_switched_off_without_calibration_and_recorded():
-    settings = {"whitening": "activation", "refit_coefficients": True, "residual": "fit"}
-    compressor = RFIDCompressor(RFIDMoEConfig(**settings))
+def test_data_dependent_options_need_calibration():
+    model = tiny_model("mixtral")
+    for settings in ({"whitening": "activation"}, {"residual": "fit"}, {"refit_coefficients": True}):
+        with pytest.raises(ValueError, match="need calibration data"):
+            RFIDCompressor(RFIDMoEConfig(**settings)).compress(model, show_progress=False)
+
+
+def test_automatic_switches_follow_the_data_and_are_recorded():
+    compressor = RFIDCompressor(RFIDMoEConfig())  # whitening / refit: None, i.e. on with data, off without
     with pytest.warns(UserWarning, match="data-free and weight-only"):
         model = compressor.compress(tiny_model("mixtral"), show_progress=False)
     saved = model.config.quantization_config
     saved = saved if isinstance(saved, dict) else saved.to_dict()
-    assert (saved["whitening"], saved["refit_coefficients"], saved["residual"]) == ("none", False, "blocks")
+    assert (saved["whitening"], saved["refit_coefficients"]) == ("none", False)
     assert compressor.report["config"]["whitening"] == "none"
-    assert compressor.config.whitening == "activation"  # the compressor keeps what was asked for
+    assert compressor.config.whitening is None  # the compressor keeps the automatic switch for the next run
+    calibrated = compressor.compress(tiny_model("mixtral"), tiny_inputs(batch=4, length=32), show_progress=False)
+    saved = calibrated.config.quantization_config
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    assert (saved["whitening"], saved["refit_coefficients"]) == ("activation", True)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         compressor.compress(tiny_model("mixtral"), batch_size=0)
 

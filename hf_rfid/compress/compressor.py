@@ -283,8 +283,8 @@ class RFIDCompressor(OptimumQuantizer):
         """Replace every routed experts module of `model` (in place) and return the model.
 
         `calibration` is a text file or folder, a JSONL file, a list of strings, token ids, or a dataset name
-        (`wikitext2`, `c4`, `ptb`); `None` compresses data-free and weight-only (every expert equally frequent;
-        whitening, coefficient refit and a fitted residual are switched off, with a warning).
+        (`wikitext2`, `c4`, `ptb`); `None` compresses data-free and weight-only (every expert equally frequent, the
+        automatic whitening and refit off, with a warning; options that need data raise `ValueError`).
         `statistics` (from `collect_statistics`, with `propagate="original"`) replaces the calibration pass, so one
         pass can serve several compressions of the same model.
         """
@@ -301,18 +301,21 @@ class RFIDCompressor(OptimumQuantizer):
             before = self._parameter_counts(model)
             tokenizer = tokenizer or self.tokenizer
             batch = None
+            if calibration is None and statistics is None and config.requires_calibration:
+                raise ValueError(
+                    f"whitening={config.whitening!r} / residual={config.residual!r} / refit_coefficients="
+                    f"{config.refit_coefficients} need calibration data; pass calibration= (a text file, folder, "
+                    "list of strings or dataset name)"
+                )
+            # decide the automatic (None) switches for this run; the saved config records the values used
+            config = self.config = config.resolved(calibrated=calibration is not None or statistics is not None)
             if statistics is not None:
                 statistics.check(config, [name for name, _ in targets])
             elif calibration is None:
-                if config.needs_activations:
-                    # whitening, coefficient refit and the fitted residual need activations: switch them off for this
-                    # run (the saved config records what was done)
-                    config = self.config = config.without_activations()
                 self._warn(
                     "no calibration data: compressing data-free and weight-only (every expert counted as equally "
-                    f"frequent; whitening={config.whitening!r}, refit_coefficients={config.refit_coefficients}, "
-                    f"residual={config.residual!r}); pass calibration= for frequency-aware ranks and activation-aware "
-                    "factors"
+                    "frequent, no whitening, no coefficient refit); pass calibration= for frequency-aware ranks and "
+                    "activation-aware factors, which matter a lot on pretrained weights"
                 )
             else:
                 batch = prepare_calibration(calibration, tokenizer, num_samples, seq_len, seed)
@@ -338,7 +341,7 @@ class RFIDCompressor(OptimumQuantizer):
                 model.rfid_tokenizer = tokenizer
             return model
         finally:
-            self.config = requested_config  # a data-free run may have switched options off
+            self.config = requested_config  # keep the automatic switches for the next run
 
     def collect_statistics(
         self,
