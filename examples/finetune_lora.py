@@ -1,7 +1,7 @@
 """Recover quality after compression with LoRA: compress, fine-tune with transformers' Trainer, merge, save.
 
-    python examples/finetune_lora.py                          # the bundled trained MoE, keep 0.4
-    python examples/finetune_lora.py --model smollm2-moe --keep 0.6 --steps 300
+    python examples/finetune_lora.py                          # the bundled trained MoE, keep 0.4 (little to recover)
+    python examples/finetune_lora.py --model smollm2-moe --keep 0.6 --steps 40 --batch-size 4 --seq-len 256
 
 Trains on the wiki_vital_en train split (../shared/data when present, else the bundled calibration excerpt), reports
 perplexity on the held-out text before and after, merges the adapter into the factors (ranks unchanged) and saves an
