@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -718,6 +720,7 @@ class RFIDCompressor(OptimumQuantizer):
                 self._timings["calibration_s"] += time.perf_counter() - tick
                 if compress_layer is not None and entries:
                     compress_layer([(name, module, collected.pop(name)) for name, module in entries], bar)
+                    _return_freed_memory()
                     if propagate_compressed:
                         tick = time.perf_counter()
                         outputs = run_layer(layer, inputs, layer_index, keep_outputs=True, on_batch=lambda index: None)
@@ -757,3 +760,10 @@ def _check_counts(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS after each layer (glibc keeps it and the process grows otherwise)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
