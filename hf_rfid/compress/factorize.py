@@ -109,12 +109,13 @@ def encode_residual(
 
 def relative_error(original: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor | None = None) -> float:
     """|W - W_hat| / |W| in Frobenius norm, or in the activation norm sqrt(tr(E G E^T)) when `gram` is given."""
-    original = original.to(torch.float64)
-    error = original - approximation.to(torch.float64)
+    original = original.detach().to(torch.float64)
+    error = original - approximation.detach().to(torch.float64)
     if gram is None:
         denominator = float(original.norm())
         return float(error.norm()) / denominator if denominator > 0 else 0.0
-    gram = gram.to(torch.float64)
+    gram = gram.detach().to(original.device, torch.float64)
+    error = error.to(original.device)
     denominator = float(torch.einsum("ij,jk,ik->", original, gram, original))
     numerator = float(torch.einsum("ij,jk,ik->", error, gram, error))
     return (max(numerator, 0.0) / denominator) ** 0.5 if denominator > 0 else 0.0
