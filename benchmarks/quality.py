@@ -118,15 +118,17 @@ def run_model(model_name: str, args, model_dir: Path | None = None, on_row=lambd
     print(_format_row(rows[-1], texts), flush=True)
     on_row(rows)
 
-    statistics = {}
+    # one calibration pass per kind of statistics: routing counts only, and counts plus input Grams
+    statistics, statistics_seconds = {}, {}
     if args.reuse_statistics:
         for grams in (False, True):
-            config = RFIDMoEConfig(whitening="activation" if grams else "none", propagate="original")
+            kind = {} if grams else {"whitening": "none", "refit_coefficients": False}
+            config = RFIDMoEConfig(propagate="original", **kind)
             tick = time.perf_counter()
             statistics[grams] = RFIDCompressor(config).collect_statistics(
                 _load(model_dir), windows, batch_size=args.batch_size, show_progress=False
             )
-            statistics[f"{grams}_seconds"] = time.perf_counter() - tick
+            statistics_seconds[grams] = time.perf_counter() - tick
 
     for bits in args.quantise:
         model = _load(model_dir)
@@ -166,7 +168,7 @@ def run_model(model_name: str, args, model_dir: Path | None = None, on_row=lambd
                 compressor.compress(model, windows, batch_size=args.batch_size, show_progress=False)
             seconds = time.perf_counter() - tick
             if args.reuse_statistics:
-                seconds += statistics[f"{config.needs_activations}_seconds"]
+                seconds += statistics_seconds[config.needs_activations]
             totals = compressor.report["totals"]
             evaluation = _evaluate(model, tokenizer, texts, args, dense_routes)
             extra = {

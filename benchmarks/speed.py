@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from common import RESULTS, TINY_MOE, calibration_text, set_threads, smollm_moe_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_rfid
 from hf_rfid import RFIDCompressor, RFIDMoEConfig
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     compress_seconds = time.perf_counter() - tick
     work = Path(tempfile.mkdtemp(prefix="hf-rfid-speed-"))
     try:
-        stored_dtype = AutoModelForCausalLM.from_pretrained(model_dir).dtype  # save at the checkpoint's precision
+        stored_dtype = AutoConfig.from_pretrained(model_dir).dtype  # save at the checkpoint's precision
         tick = time.perf_counter()
         save_compressed(compressed.to(stored_dtype), work / "compressed", tokenizer=tokenizer, report=compressor.report)
         write_seconds = time.perf_counter() - tick

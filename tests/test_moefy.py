@@ -12,22 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import moefy
+from tiny_models import COMMON
 
 
 @pytest.fixture(scope="module")
 def dense() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    # the tiny models' geometry as a dense Llama, embeddings tied like SmolLM2's (moefy assumes it)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=64)
     return LlamaForCausalLM(config).eval()
 
 
@@ -43,7 +35,7 @@ def test_balanced_assign_fills_every_column_to_capacity():
 def test_exact_split_reproduces_the_dense_model(dense):
     """With every expert selected and uniform weights, the experts sum to the dense MLP (what --verify checks)."""
     groups = torch.randperm(64, generator=torch.Generator().manual_seed(1)).view(4, 16).sort(dim=1).values
-    router = torch.zeros(4, 32)
+    router = torch.zeros(4, COMMON["hidden_size"])
     moe = moefy.assemble_mixtral(
         dense, [(groups, router, layer.mlp.down_proj.weight) for layer in dense.model.layers], 4, 1.0
     )

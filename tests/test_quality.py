@@ -2,7 +2,7 @@
 
 The bound comes from measurements: in benchmarks/results/quality.md the defaults at keep 0.6 cost +0.16 % perplexity
 on the wiki test split of this model (69.45 vs 69.34), and this exact setting (16 calibration windows, the bundled
-held-out excerpt, float32) measured 73.64 vs 73.53 (x1.0014; the paper preset x1.0029). The test allows x1.01, about
+held-out excerpt, float32) measured 73.64 vs 73.53 (x1.0014). The test allows x1.01, about
 seven times the measured loss; a broken factorisation or allocation moves perplexity by far more (keep 0.1 costs +17 %).
 """
 
